@@ -1,0 +1,74 @@
+"""What the protocol core asks its driver to do.
+
+The core never performs I/O: every handler returns a list of effects, and the
+driver (the asyncio agent, a simulator, or a test) carries them out and feeds
+the consequences back in (incoming bytes, fired timers, evaluated vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Gossip sealed envelope bytes on a topic."""
+
+    topic: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send sealed envelope bytes directly to one peer."""
+
+    peer: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Call ``PeerCore.on_timer(key, now)`` at ``at_ms`` (re-setting a key replaces it)."""
+
+    key: Hashable
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Run the local model on ``x`` for aggregation ``rule``; answer with
+    ``PeerCore.evaluated(query_id, vector, now)`` (``vector_len`` floats)."""
+
+    query_id: bytes
+    x: npt.NDArray[np.float32] = field(repr=False)
+    rule: str
+    vector_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOutcome:
+    """How one query ended, as the querier sees it."""
+
+    query_id: bytes
+    ok: bool
+    reason: str
+    total: FloatArray | None  # sum of contributions (None when the query failed)
+    contributors: tuple[str, ...]
+    committee_size: int
+    elapsed_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryDone:
+    """A query this peer submitted has ended."""
+
+    outcome: QueryOutcome
+
+
+Effect = Publish | Send | SetTimer | Evaluate | QueryDone

@@ -1,0 +1,248 @@
+"""The whole protocol core of one peer, without I/O.
+
+``PeerCore`` routes verified envelopes to membership, the querier sessions
+(one per query this peer submitted) and the responder (queries it answers).
+A driver feeds it bytes, timer firings and model outputs, always with the
+current time, and carries out the effects it returns. ``receive`` never
+raises for anything a peer sent: each rejection is counted under
+``metrics["rejected.<reason>"]`` and dropped.
+
+Channels are part of the protocol: Announce and QueryRequest arrive only by
+gossip, every other kind only as a direct message; anything else is rejected.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import nacl.utils
+import numpy as np
+import numpy.typing as npt
+
+from fi_peer.errors import LocalProtocolError, RemoteProtocolError, UnexpectedMessage
+from fi_peer.identity import Identity
+from fi_peer.protocol.effects import Effect, Publish, QueryDone, SetTimer
+from fi_peer.protocol.envelope import Opened, Verifier, seal
+from fi_peer.protocol.membership import MEMBERSHIP_TIMER, Membership
+from fi_peer.protocol.messages import (
+    QUERY_ID_LEN,
+    Accept,
+    Announce,
+    Decline,
+    ModelCard,
+    Offer,
+    QueryRequest,
+    Receipt,
+    Result,
+    Share,
+)
+from fi_peer.protocol.querier import QuerierConfig, QuerySession
+from fi_peer.protocol.responder import Responder, ResponderConfig
+from fi_peer.protocol.topics import peers_topic, query_topic
+
+GOSSIP_KINDS = frozenset({Announce.KIND, QueryRequest.KIND})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoreConfig:
+    net: str = "local"
+    announce_interval_ms: int = 2000
+    missed_beats: int = 3
+    window_ms: int = 30_000
+    querier: QuerierConfig = field(default_factory=QuerierConfig)
+    responder: ResponderConfig = field(default_factory=ResponderConfig)
+
+
+class PeerCore:
+    def __init__(
+        self,
+        identity: Identity,
+        card: ModelCard,
+        *,
+        config: CoreConfig | None = None,
+        addresses: tuple[str, ...] = (),
+        eth_address: str = "",
+    ) -> None:
+        self.identity = identity
+        self.card = card
+        self.config = config or CoreConfig()
+        self.addresses = addresses
+        self.eth_address = eth_address
+        self.verifier = Verifier(window_ms=self.config.window_ms)
+        self.membership = Membership(
+            identity.peer_id,
+            interval_ms=self.config.announce_interval_ms,
+            missed_beats=self.config.missed_beats,
+        )
+        self.responder = Responder(identity, card, self.config.responder)
+        self.queries: dict[bytes, QuerySession] = {}
+        self.metrics: Counter[str] = Counter()
+        self._seq = 0
+
+    # -- topics ---------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def peers_topic(self) -> str:
+        return peers_topic(self.config.net)
+
+    @property
+    def query_topic(self) -> str:
+        return query_topic(self.config.net, self.card.task)
+
+    def topics(self) -> tuple[str, ...]:
+        """Topics the driver must subscribe to before calling :meth:`start`."""
+        return (self.peers_topic, self.query_topic)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self, now_ms: int) -> list[Effect]:
+        return self.heartbeat(now_ms)
+
+    def announcement(self) -> Announce:
+        return Announce(
+            seq=self._seq,
+            addresses=self.addresses,
+            box_key=self.identity.box_public_key,
+            eth_address=self.eth_address,
+            card=self.card,
+            price_wei=self.config.responder.price_wei,
+            capacity=self.config.responder.capacity,
+        )
+
+    def heartbeat(self, now_ms: int) -> list[Effect]:
+        """Announce now (also done every interval), expire silent peers, prune replay state."""
+        self._seq += 1
+        gone = self.membership.expire(now_ms)
+        self.metrics["membership.expired"] += len(gone)
+        self.verifier.replay.prune(now_ms)
+        return [
+            Publish(self.peers_topic, seal(self.identity, self.announcement(), now_ms)),
+            SetTimer(MEMBERSHIP_TIMER, now_ms + self.config.announce_interval_ms),
+        ]
+
+    # -- input ----------------------------------------------------------------
+    def receive(self, data: bytes, now_ms: int, *, topic: str | None = None) -> list[Effect]:
+        """Handle bytes from the network (``topic`` set when they came by gossip)."""
+        try:
+            opened = self.verifier.open(data, now_ms)
+            if (opened.kind in GOSSIP_KINDS) != (topic is not None):
+                raise UnexpectedMessage(f"{opened.kind} on the wrong channel")
+            effects = self._dispatch(opened, now_ms)
+        except RemoteProtocolError as exc:
+            self.metrics[f"rejected.{exc.reason}"] += 1
+            return []
+        self.metrics[f"accepted.{opened.kind}"] += 1
+        return effects
+
+    def _query(self, query_id: bytes) -> QuerySession:
+        session = self.queries.get(query_id)
+        if session is None or session.finished:
+            raise UnexpectedMessage("no open query with this id")
+        return session
+
+    def _dispatch(self, opened: Opened, now_ms: int) -> list[Effect]:
+        msg, sender = opened.message, opened.sender
+        match msg:
+            case Announce():
+                self.membership.on_announce(sender, msg, now_ms)
+                return []
+            case QueryRequest():
+                return self.responder.on_request(sender, msg, now_ms)
+            case Offer():
+                return self._reap(self._query(msg.query_id).on_offer(sender, msg, now_ms))
+            case Decline():
+                return self._reap(self._query(msg.query_id).on_decline(sender, msg, now_ms))
+            case Share():
+                return self._reap(self._query(msg.query_id).on_share(sender, msg, now_ms))
+            case Accept():
+                return self.responder.on_accept(sender, msg, now_ms)
+            case Receipt():
+                return self.responder.on_receipt(sender, msg, now_ms)
+            case Result():
+                return self.responder.on_result(sender, msg, now_ms)
+        raise UnexpectedMessage(f"no handler for {opened.kind}")  # pragma: no cover
+
+    def _reap(self, effects: list[Effect]) -> list[Effect]:
+        """Drop finished querier sessions once their QueryDone is emitted."""
+        for effect in effects:
+            if isinstance(effect, QueryDone):
+                self.queries.pop(effect.outcome.query_id, None)
+                self.metrics["queries.ok" if effect.outcome.ok else "queries.failed"] += 1
+        return effects
+
+    def on_timer(self, key: Hashable, now_ms: int) -> list[Effect]:
+        if key == MEMBERSHIP_TIMER:
+            return self.heartbeat(now_ms)
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise LocalProtocolError(f"unknown timer {key!r}")
+        kind, query_id = key
+        if kind == "r-expire":
+            return self.responder.on_expire(query_id, now_ms)
+        session = self.queries.get(query_id)
+        if session is None:
+            return []
+        if kind == "q-offers":
+            return self._reap(session.on_offers_timer(now_ms))
+        if kind == "q-deadline":
+            return self._reap(session.on_deadline(now_ms))
+        raise LocalProtocolError(f"unknown timer {key!r}")
+
+    # -- local requests ---------------------------------------------------------
+    def submit_query(
+        self,
+        x: npt.ArrayLike,
+        *,
+        rule: str,
+        vector_len: int,
+        k: int,
+        max_price_wei: int,
+        timeout_ms: int,
+        now_ms: int,
+        query_id: bytes | None = None,
+    ) -> tuple[bytes, list[Effect]]:
+        """Start a query; its end arrives later as a QueryDone effect."""
+        query_id = query_id or nacl.utils.random(QUERY_ID_LEN)
+        if query_id in self.queries:
+            raise LocalProtocolError("query id already in use")
+        vec = np.asarray(x, dtype=np.float32).ravel()
+        try:
+            request = QueryRequest(
+                query_id=query_id,
+                task=self.card.task,
+                n_classes=self.card.n_classes,
+                input_dim=self.card.input_dim,
+                rule=rule,
+                vector_len=vector_len,
+                k=k,
+                max_price_wei=max_price_wei,
+                deadline_ms=now_ms + timeout_ms,
+                reply_key=self.identity.box_public_key,
+            )
+        except ValueError as exc:
+            raise LocalProtocolError(f"invalid query: {exc}") from exc
+        if not np.all(np.isfinite(vec)):
+            raise LocalProtocolError("query input has NaN or infinite values")
+        session = QuerySession(self.identity, request, vec, self.config.querier, now_ms)
+        self.queries[query_id] = session
+        self.metrics["queries.submitted"] += 1
+        effects: list[Effect] = [Publish(self.query_topic, seal(self.identity, request, now_ms))]
+        return query_id, effects + session.start()
+
+    def evaluated(self, query_id: bytes, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
+        """The driver's model output for an Evaluate effect."""
+        session = self.queries.get(query_id)
+        if session is not None:
+            return self._reap(session.on_local(vector, now_ms))
+        return self.responder.on_evaluated(query_id, vector, now_ms)
+
+    def evaluation_failed(self, query_id: bytes, now_ms: int) -> list[Effect]:
+        """The driver could not evaluate the model for an Evaluate effect."""
+        self.metrics["evaluation.failed"] += 1
+        session = self.queries.get(query_id)
+        if session is not None:
+            return self._reap(session.on_local_failed(now_ms))
+        return self.responder.on_evaluation_failed(query_id, now_ms)

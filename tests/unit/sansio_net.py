@@ -1,0 +1,104 @@
+"""A deterministic, synchronous network of PeerCores for sans-io tests.
+
+Effects are delivered in FIFO order; timers fire when the test advances the
+fake clock. Models are plain functions ``x -> vector``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fi_peer.identity import Identity
+from fi_peer.protocol.effects import Effect, Evaluate, Publish, QueryDone, QueryOutcome, Send, SetTimer
+from fi_peer.protocol.messages import ModelCard
+from fi_peer.protocol.peer import CoreConfig, PeerCore
+
+Model = Callable[[np.ndarray, str], np.ndarray]
+
+
+def card(n_classes: int = 3, input_dim: int = 4) -> ModelCard:
+    return ModelCard(
+        task="toy", n_classes=n_classes, input_dim=input_dim, arch="fn",
+        model_hash=b"\x00" * 32, rules=("soft", "vote"),
+    )
+
+
+@dataclass
+class SansIoNet:
+    now_ms: int = 1_000_000
+    cores: dict[str, PeerCore] = field(default_factory=dict)
+    models: dict[str, Model | None] = field(default_factory=dict)
+    subs: dict[str, set[str]] = field(default_factory=dict)
+    queue: deque[tuple[str, Effect]] = field(default_factory=deque)
+    timers: list[tuple[int, int, str, Hashable]] = field(default_factory=list)
+    done: dict[bytes, QueryOutcome] = field(default_factory=dict)
+    outcomes: list[QueryOutcome] = field(default_factory=list)  # every QueryDone, in order
+    drop: Callable[[str, str, bytes], bool] = lambda src, dst, data: False
+    _tie: itertools.count = field(default_factory=itertools.count)
+    _latest_timer: dict[tuple[str, Hashable], int] = field(default_factory=dict)
+
+    def add(self, name: str, model: Model | None, config: CoreConfig | None = None,
+            n_classes: int = 3) -> PeerCore:
+        core = PeerCore(Identity.from_seed(name.encode()), card(n_classes), config=config)
+        self.cores[core.peer_id] = core
+        self.models[core.peer_id] = model
+        for topic in core.topics():
+            self.subs.setdefault(topic, set()).add(core.peer_id)
+        self.queue.extend((core.peer_id, e) for e in core.start(self.now_ms))
+        return core
+
+    def run(self) -> None:
+        while self.queue:
+            origin, effect = self.queue.popleft()
+            self._apply(origin, effect)
+
+    def _apply(self, origin: str, effect: Effect) -> None:
+        match effect:
+            case Publish(topic, data):
+                for peer in sorted(self.subs.get(topic, ())):
+                    if peer != origin and not self.drop(origin, peer, data):
+                        self._feed(peer, self.cores[peer].receive(data, self.now_ms, topic=topic))
+            case Send(peer, data):
+                if peer in self.cores and not self.drop(origin, peer, data):
+                    self._feed(peer, self.cores[peer].receive(data, self.now_ms))
+            case SetTimer(key, at_ms):
+                self._latest_timer[(origin, key)] = at_ms
+                heapq.heappush(self.timers, (at_ms, next(self._tie), origin, key))
+            case Evaluate(query_id, x, rule, _):
+                model = self.models[origin]
+                core = self.cores[origin]
+                if model is None:
+                    self._feed(origin, core.evaluation_failed(query_id, self.now_ms))
+                else:
+                    self._feed(origin, core.evaluated(query_id, model(x, rule), self.now_ms))
+            case QueryDone(outcome):
+                self.done[outcome.query_id] = outcome
+                self.outcomes.append(outcome)
+
+    def _feed(self, origin: str, effects: list[Effect]) -> None:
+        self.queue.extend((origin, e) for e in effects)
+
+    def deliver(self, peer: str, data: bytes, *, topic: str | None = None) -> list[Effect]:
+        """Hand ``data`` to ``peer`` now, as if from outside the net; queue its effects."""
+        effects = self.cores[peer].receive(data, self.now_ms, topic=topic)
+        self._feed(peer, effects)
+        return effects
+
+    def advance(self, ms: int) -> None:
+        """Move the clock, firing due timers in order, delivering as we go."""
+        target = self.now_ms + ms
+        self.run()
+        while self.timers and self.timers[0][0] <= target:
+            at, _, origin, key = heapq.heappop(self.timers)
+            if self._latest_timer.get((origin, key)) != at:
+                continue  # replaced by a later SetTimer for the same key
+            self.now_ms = max(self.now_ms, at)
+            self._feed(origin, self.cores[origin].on_timer(key, self.now_ms))
+            self.run()
+        self.now_ms = target
