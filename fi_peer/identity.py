@@ -31,8 +31,8 @@ from typing import Any
 import nacl.encoding
 import nacl.exceptions
 import nacl.hash
-import nacl.pwhash
 import nacl.public
+import nacl.pwhash
 import nacl.secret
 import nacl.signing
 import nacl.utils

@@ -19,7 +19,7 @@ import math
 import types
 import typing
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 
@@ -86,11 +86,13 @@ def _check(tp: Any, raw: Any, path: str) -> Any:
 
 def from_wire(cls: type[T], raw: Any, path: str = "") -> T:
     """Build ``cls`` from its plain structure, strictly."""
-    spec = _fields(cls)
+    spec = _fields(cast(type, cls))
     name = path or cls.__name__
     if type(raw) is not list or len(raw) != len(spec):
         raise MalformedMessage(f"{name}: expected an array of {len(spec)} fields")
-    values = {fname: _check(tp, v, f"{name}.{fname}") for (fname, tp), v in zip(spec, raw)}
+    values = {
+        fname: _check(tp, v, f"{name}.{fname}") for (fname, tp), v in zip(spec, raw, strict=True)
+    }
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:

@@ -43,12 +43,18 @@ class SetTimer:
 @dataclass(frozen=True, slots=True)
 class Evaluate:
     """Run the local model on ``x`` for aggregation ``rule``; answer with
-    ``PeerCore.evaluated(query_id, vector, now)`` (``vector_len`` floats)."""
+    ``PeerCore.evaluated(this_effect, vector, now)`` (``vector_len`` floats) or
+    ``PeerCore.evaluation_failed(this_effect, now)``.
+
+    ``querier`` says whose query it is: this peer's own (it contributes to its
+    own query) or another's (it answers as a committee member). Query ids are
+    chosen by queriers, so only the pair identifies a query."""
 
     query_id: bytes
     x: npt.NDArray[np.float32] = field(repr=False)
     rule: str
     vector_len: int
+    querier: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, ClassVar
 
 QUERY_ID_LEN = 16
@@ -35,10 +34,15 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-@cache
+_FIELD_TYPES: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
 def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+    spec = _FIELD_TYPES.get(cls)
+    if spec is None:
+        hints = typing.get_type_hints(cls)
+        spec = _FIELD_TYPES[cls] = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+    return spec
 
 
 def _has_type(value: object, tp: Any) -> bool:
@@ -307,6 +311,7 @@ class Result:
 Message = Announce | QueryRequest | Offer | Accept | Decline | Share | Receipt | Result
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Announce, QueryRequest, Offer, Accept, Decline, Share, Receipt, Result)
+    cls.KIND: cls
+    for cls in (Announce, QueryRequest, Offer, Accept, Decline, Share, Receipt, Result)
 }
 MAX_ENVELOPE_BYTES = max(cls.MAX_ENVELOPE for cls in MESSAGE_TYPES.values())

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from fi_peer.errors import LocalProtocolError, RemoteProtocolError, UnexpectedMessage
 from fi_peer.identity import Identity
-from fi_peer.protocol.effects import Effect, Publish, QueryDone, SetTimer
+from fi_peer.protocol.effects import Effect, Evaluate, Publish, QueryDone, SetTimer
 from fi_peer.protocol.envelope import Opened, Verifier, seal
 from fi_peer.protocol.membership import MEMBERSHIP_TIMER, Membership
 from fi_peer.protocol.messages import (
@@ -177,11 +177,11 @@ class PeerCore:
     def on_timer(self, key: Hashable, now_ms: int) -> list[Effect]:
         if key == MEMBERSHIP_TIMER:
             return self.heartbeat(now_ms)
+        if isinstance(key, tuple) and len(key) == 3 and key[0] == "r-expire":
+            return self.responder.on_expire((key[1], key[2]), now_ms)
         if not (isinstance(key, tuple) and len(key) == 2):
             raise LocalProtocolError(f"unknown timer {key!r}")
         kind, query_id = key
-        if kind == "r-expire":
-            return self.responder.on_expire(query_id, now_ms)
         session = self.queries.get(query_id)
         if session is None:
             return []
@@ -226,23 +226,30 @@ class PeerCore:
             raise LocalProtocolError(f"invalid query: {exc}") from exc
         if not np.all(np.isfinite(vec)):
             raise LocalProtocolError("query input has NaN or infinite values")
+        if k < self.config.querier.min_committee:
+            raise LocalProtocolError(
+                f"k={k} is below the minimum committee of {self.config.querier.min_committee}: "
+                "a smaller committee would reveal single members' answers"
+            )
         session = QuerySession(self.identity, request, vec, self.config.querier, now_ms)
         self.queries[query_id] = session
         self.metrics["queries.submitted"] += 1
         effects: list[Effect] = [Publish(self.query_topic, seal(self.identity, request, now_ms))]
         return query_id, effects + session.start()
 
-    def evaluated(self, query_id: bytes, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
+    def evaluated(self, request: Evaluate, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
         """The driver's model output for an Evaluate effect."""
-        session = self.queries.get(query_id)
-        if session is not None:
-            return self._reap(session.on_local(vector, now_ms))
-        return self.responder.on_evaluated(query_id, vector, now_ms)
+        if request.querier == self.peer_id:
+            session = self.queries.get(request.query_id)
+            return [] if session is None else self._reap(session.on_local(vector, now_ms))
+        key = (request.querier, request.query_id)
+        return self.responder.on_evaluated(key, vector, now_ms)
 
-    def evaluation_failed(self, query_id: bytes, now_ms: int) -> list[Effect]:
+    def evaluation_failed(self, request: Evaluate, now_ms: int) -> list[Effect]:
         """The driver could not evaluate the model for an Evaluate effect."""
         self.metrics["evaluation.failed"] += 1
-        session = self.queries.get(query_id)
-        if session is not None:
-            return self._reap(session.on_local_failed(now_ms))
-        return self.responder.on_evaluation_failed(query_id, now_ms)
+        if request.querier == self.peer_id:
+            session = self.queries.get(request.query_id)
+            return [] if session is None else self._reap(session.on_local_failed(now_ms))
+        key = (request.querier, request.query_id)
+        return self.responder.on_evaluation_failed(key, now_ms)

@@ -7,13 +7,17 @@ Theory of operation::
     ANSWERS --all_answered / deadline (>= threshold shares)--------> DONE
     ANSWERS --deadline (< threshold) / too_many_declines----------> FAILED
 
-The querier gossips a QueryRequest (no input), collects Offers until it has
-``k`` or the offer window closes, picks the cheapest ``k`` (ties: faster, then
-earlier), and sends each member an Accept with the committee, the threshold
-and the input sealed to that member alone. Each Share is acknowledged with a
-Receipt. The result is the sum of the delivered contributions (plus the
-querier's own when ``include_self``); with fewer than ``threshold`` shares at
-the deadline the query fails with a reason, so no query can hang.
+The querier gossips a QueryRequest (no input) and takes the first ``k`` Offers
+at or below its price cap; if the offer window (at most half the time budget)
+closes first, it takes those it has, provided there are ``min_committee``. Late
+offers are told ``not_selected`` so the peer frees the capacity it reserved.
+Choosing by reputation comes with the incentives work; today the price cap is
+the filter and arrival order (the fastest peers) the choice. Each member gets
+an Accept with the committee, the threshold and the input sealed to it alone.
+Each Share is acknowledged with a Receipt. The result is the sum of the
+delivered contributions (plus the querier's own when ``include_self``); with
+fewer than ``threshold`` shares at the deadline the query fails with a reason,
+so no query can hang.
 """
 
 from __future__ import annotations
@@ -80,10 +84,6 @@ class QuerierConfig:
         return committee_size // 2 + 1
 
 
-def offer_rank(offer: Offer, arrival: int) -> tuple[int, int, int]:
-    return (offer.price_wei, offer.expected_latency_ms, arrival)
-
-
 class QuerySession:
     def __init__(
         self,
@@ -101,7 +101,7 @@ class QuerySession:
         self.config = config
         self.started_ms = now_ms
         self.state = QState.OFFERS
-        self.offers: dict[str, tuple[Offer, int]] = {}
+        self.offers: dict[str, Offer] = {}
         self.committee: tuple[Member, ...] = ()
         self.threshold = 0
         self.shares: dict[str, fixedpoint.Words] = {}
@@ -132,25 +132,35 @@ class QuerySession:
             raise LocalProtocolError(f"no transition from {self.state} on {event}") from None
 
     def start(self) -> list[Effect]:
+        # Leave at least half of the time budget for answering.
+        half_budget = (self.request.deadline_ms - self.started_ms) // 2
+        window = min(self.config.offer_window_ms, half_budget)
         effects: list[Effect] = [
-            SetTimer(self.offers_timer, self.started_ms + self.config.offer_window_ms),
+            SetTimer(self.offers_timer, self.started_ms + window),
             SetTimer(self.deadline_timer, self.request.deadline_ms),
         ]
         if self.config.include_self:
             effects.append(
-                Evaluate(self.query_id, self.x, self.request.rule, self.request.vector_len)
+                Evaluate(
+                    self.query_id,
+                    self.x,
+                    self.request.rule,
+                    self.request.vector_len,
+                    self.identity.peer_id,
+                )
             )
         return effects
 
     # -- offers ---------------------------------------------------------------
     def on_offer(self, sender: str, offer: Offer, now_ms: int) -> list[Effect]:
-        if self.state is not QState.OFFERS:
-            raise UnexpectedMessage("offer after the committee was chosen")
         if sender in self.offers:
             raise UnexpectedMessage("second offer from one peer")
         if offer.price_wei > self.request.max_price_wei:
             raise UnexpectedMessage("offer above the maximum price")
-        self.offers[sender] = (offer, len(self.offers))
+        if self.state is not QState.OFFERS:  # committee already chosen
+            late = Result(query_id=self.query_id, ok=False, reason="not_selected")
+            return [Send(sender, seal(self.identity, late, now_ms))]
+        self.offers[sender] = offer
         if len(self.offers) >= self.request.k:
             self._goto(QEvent.ENOUGH_OFFERS)
             return self._accept(now_ms)
@@ -166,12 +176,11 @@ class QuerySession:
         return self._accept(now_ms)
 
     def _accept(self, now_ms: int) -> list[Effect]:
-        ranked = sorted(self.offers.items(), key=lambda item: offer_rank(*item[1]))
-        chosen = ranked[: self.request.k]
-        self.committee = tuple(Member(peer_id=p, box_key=o.box_key) for p, (o, _) in chosen)
+        chosen = list(self.offers.items())  # never more than k: see on_offer
+        self.committee = tuple(Member(peer_id=p, box_key=o.box_key) for p, o in chosen)
         self.threshold = self.config.threshold(len(self.committee))
         effects: list[Effect] = []
-        for peer, (offer, _) in chosen:
+        for peer, offer in chosen:
             accept = Accept(
                 query_id=self.query_id,
                 committee=self.committee,
@@ -199,7 +208,7 @@ class QuerySession:
         if len(share.vector) != 8 * self.request.vector_len:
             raise UnexpectedMessage("share has the wrong vector length")
         self.shares[sender] = fixedpoint.from_bytes(share.vector)
-        price = next(o.price_wei for p, (o, _) in self.offers.items() if p == sender)
+        price = self.offers[sender].price_wei
         receipt = Receipt(
             query_id=self.query_id,
             member=sender,
@@ -251,9 +260,9 @@ class QuerySession:
         return []
 
     def on_deadline(self, now_ms: int) -> list[Effect]:
-        if self.state is QState.OFFERS:
+        if self.state is QState.OFFERS:  # only if the offers timer could not run first
             self._goto(QEvent.TOO_FEW_OFFERS)
-            return self._fail(f"too_few_offers_{len(self.offers)}", now_ms)
+            return self._fail("deadline_before_committee", now_ms)
         if self.state is not QState.ANSWERS:
             return []
         if len(self.shares) < self.threshold:

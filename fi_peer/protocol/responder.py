@@ -17,7 +17,8 @@ delivered shares are kept: they are what the member is paid against.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +43,8 @@ from fi_peer.protocol.sealing import open_input
 # How long after a query's deadline a member keeps its state (clock skew slack).
 GRACE_MS = 5_000
 
+SessionKey = tuple[str, bytes]  # (querier peer id, query id): query ids are the querier's choice
+
 
 class RState(enum.Enum):
     OFFERED = "offered"
@@ -63,7 +66,6 @@ class MemberSession:
     price_wei: int
     share_digest: bytes = b""
     receipt: Receipt | None = None
-    result: Result | None = field(default=None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +73,11 @@ class ResponderConfig:
     price_wei: int = 0
     capacity: int = 64
     expected_latency_ms: int = 50
+    # An offer not accepted within this time is forgotten (frees capacity).
+    offer_ttl_ms: int = 10_000
+    # Requests whose deadline lies further ahead are refused: a far deadline
+    # would otherwise hold a slot of our capacity for as long as it says.
+    max_query_ms: int = 120_000
 
 
 class Responder:
@@ -78,14 +85,14 @@ class Responder:
         self.identity = identity
         self.card = card
         self.config = config
-        self.sessions: dict[bytes, MemberSession] = {}
+        self.sessions: dict[SessionKey, MemberSession] = {}
         self.receipts: list[Receipt] = []
 
     @staticmethod
-    def timer_key(query_id: bytes) -> tuple[str, bytes]:
-        return ("r-expire", query_id)
+    def timer_key(key: SessionKey) -> tuple[str, str, bytes]:
+        return ("r-expire", key[0], key[1])
 
-    def can_serve(self, request: QueryRequest) -> str | None:
+    def can_serve(self, request: QueryRequest, now_ms: int) -> str | None:
         """Why this peer will not offer (None when it will)."""
         card = self.card
         if request.task != card.task or request.n_classes != card.n_classes:
@@ -96,41 +103,44 @@ class Responder:
             return "rule_unsupported"
         if request.max_price_wei < self.config.price_wei:
             return "price_too_low"
+        if request.deadline_ms > now_ms + self.config.max_query_ms:
+            return "deadline_too_far"
         if len(self.sessions) >= self.config.capacity:
             return "busy"
         return None
 
     def on_request(self, sender: str, request: QueryRequest, now_ms: int) -> list[Effect]:
-        if sender == self.identity.peer_id or request.query_id in self.sessions:
+        key = (sender, request.query_id)
+        if sender == self.identity.peer_id or key in self.sessions:
             return []
         if request.deadline_ms <= now_ms:
             raise UnexpectedMessage("query request already past its deadline")
-        if self.can_serve(request) is not None:
+        if self.can_serve(request, now_ms) is not None:
             return []
-        self.sessions[request.query_id] = MemberSession(
-            sender, request, RState.OFFERED, self.config.price_wei
-        )
+        self.sessions[key] = MemberSession(sender, request, RState.OFFERED, self.config.price_wei)
         offer = Offer(
             query_id=request.query_id,
             price_wei=self.config.price_wei,
             box_key=self.identity.box_public_key,
             expected_latency_ms=self.config.expected_latency_ms,
         )
+        expiry = min(request.deadline_ms, now_ms + self.config.offer_ttl_ms)
         return [
             Send(sender, seal(self.identity, offer, now_ms)),
-            SetTimer(self.timer_key(request.query_id), request.deadline_ms + GRACE_MS),
+            SetTimer(self.timer_key(key), expiry),
         ]
 
-    def _session(self, sender: str, query_id: bytes, state: RState | None) -> MemberSession:
-        session = self.sessions.get(query_id)
-        if session is None or session.querier != sender:
+    def _session(self, key: SessionKey, state: RState | None) -> MemberSession:
+        session = self.sessions.get(key)
+        if session is None:
             raise UnexpectedMessage("no query of this querier is open here")
         if state is not None and session.state is not state:
             raise UnexpectedMessage(f"message not expected in state {session.state.value}")
         return session
 
     def on_accept(self, sender: str, accept: Accept, now_ms: int) -> list[Effect]:
-        session = self._session(sender, accept.query_id, RState.OFFERED)
+        key = (sender, accept.query_id)
+        session = self._session(key, RState.OFFERED)
         me = [m for m in accept.committee if m.peer_id == self.identity.peer_id]
         if not me or me[0].box_key != self.identity.box_public_key:
             raise UnexpectedMessage("accept does not list this peer with its key")
@@ -144,46 +154,56 @@ class Responder:
             accept.sealed_input,
             request.input_dim,
         )
+        session.price_wei = accept.price_wei
         session.state = _NEXT[session.state]
-        return [Evaluate(request.query_id, x, request.rule, request.vector_len)]
+        return [
+            Evaluate(request.query_id, x, request.rule, request.vector_len, sender),
+            SetTimer(self.timer_key(key), request.deadline_ms + GRACE_MS),
+        ]
 
-    def on_evaluated(self, query_id: bytes, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
-        session = self.sessions.get(query_id)
+    def on_evaluated(self, key: SessionKey, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
+        session = self.sessions.get(key)
         if session is None or session.state is not RState.EVALUATING:
             return []  # expired or cancelled meanwhile: nothing to send
         try:
             words = fixedpoint.encode(np.asarray(vector, dtype=np.float64))
         except ValueError:
-            return self.on_evaluation_failed(query_id, now_ms, reason="bad_vector")
+            return self.on_evaluation_failed(key, now_ms, reason="bad_vector")
         if words.shape != (session.request.vector_len,):
-            return self.on_evaluation_failed(query_id, now_ms, reason="bad_vector")
+            return self.on_evaluation_failed(key, now_ms, reason="bad_vector")
         session.state = _NEXT[session.state]
         data = fixedpoint.to_bytes(words)
-        share = Share(query_id=query_id, vector=data, commitment=b"")
+        session.share_digest = hashlib.sha256(data).digest()
+        share = Share(query_id=key[1], vector=data, commitment=b"")
         return [Send(session.querier, seal(self.identity, share, now_ms))]
 
     def on_evaluation_failed(
-        self, query_id: bytes, now_ms: int, reason: str = "model_error"
+        self, key: SessionKey, now_ms: int, reason: str = "model_error"
     ) -> list[Effect]:
-        session = self.sessions.pop(query_id, None)
+        session = self.sessions.pop(key, None)
         if session is None:
             return []
-        decline = Decline(query_id=query_id, reason=reason)
+        decline = Decline(query_id=key[1], reason=reason)
         return [Send(session.querier, seal(self.identity, decline, now_ms))]
 
     def on_receipt(self, sender: str, receipt: Receipt, now_ms: int) -> list[Effect]:
-        session = self._session(sender, receipt.query_id, RState.ANSWERED)
+        session = self._session((sender, receipt.query_id), RState.ANSWERED)
         if receipt.member != self.identity.peer_id or session.receipt is not None:
             raise UnexpectedMessage("receipt not for this member, or a second one")
+        if receipt.share_digest != session.share_digest:
+            raise UnexpectedMessage("receipt is for another share than the one we sent")
+        if receipt.price_wei != session.price_wei:
+            raise UnexpectedMessage("receipt is not for the agreed price")
         session.receipt = receipt
         self.receipts.append(receipt)
         return []
 
     def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
-        self._session(sender, result.query_id, None)
-        del self.sessions[result.query_id]
+        key = (sender, result.query_id)
+        self._session(key, None)
+        del self.sessions[key]
         return []
 
-    def on_expire(self, query_id: bytes, now_ms: int) -> list[Effect]:
-        self.sessions.pop(query_id, None)
+    def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
+        self.sessions.pop(key, None)
         return []

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fi_peer.identity import Identity
-from fi_peer.protocol.effects import Effect, Evaluate, Publish, QueryDone, QueryOutcome, Send, SetTimer
+from fi_peer.protocol.effects import (
+    Effect,
+    Evaluate,
+    Publish,
+    QueryDone,
+    QueryOutcome,
+    Send,
+    SetTimer,
+)
 from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 
@@ -24,8 +32,12 @@ Model = Callable[[np.ndarray, str], np.ndarray]
 
 def card(n_classes: int = 3, input_dim: int = 4) -> ModelCard:
     return ModelCard(
-        task="toy", n_classes=n_classes, input_dim=input_dim, arch="fn",
-        model_hash=b"\x00" * 32, rules=("soft", "vote"),
+        task="toy",
+        n_classes=n_classes,
+        input_dim=input_dim,
+        arch="fn",
+        model_hash=b"\x00" * 32,
+        rules=("soft", "vote"),
     )
 
 
@@ -43,8 +55,9 @@ class SansIoNet:
     _tie: itertools.count = field(default_factory=itertools.count)
     _latest_timer: dict[tuple[str, Hashable], int] = field(default_factory=dict)
 
-    def add(self, name: str, model: Model | None, config: CoreConfig | None = None,
-            n_classes: int = 3) -> PeerCore:
+    def add(
+        self, name: str, model: Model | None, config: CoreConfig | None = None, n_classes: int = 3
+    ) -> PeerCore:
         core = PeerCore(Identity.from_seed(name.encode()), card(n_classes), config=config)
         self.cores[core.peer_id] = core
         self.models[core.peer_id] = model
@@ -70,13 +83,13 @@ class SansIoNet:
             case SetTimer(key, at_ms):
                 self._latest_timer[(origin, key)] = at_ms
                 heapq.heappush(self.timers, (at_ms, next(self._tie), origin, key))
-            case Evaluate(query_id, x, rule, _):
+            case Evaluate(x=x, rule=rule):
                 model = self.models[origin]
                 core = self.cores[origin]
                 if model is None:
-                    self._feed(origin, core.evaluation_failed(query_id, self.now_ms))
+                    self._feed(origin, core.evaluation_failed(effect, self.now_ms))
                 else:
-                    self._feed(origin, core.evaluated(query_id, model(x, rule), self.now_ms))
+                    self._feed(origin, core.evaluated(effect, model(x, rule), self.now_ms))
             case QueryDone(outcome):
                 self.done[outcome.query_id] = outcome
                 self.outcomes.append(outcome)
