@@ -202,7 +202,7 @@ class Agent:
                     self._timer_changed.set()
                 case Evaluate():
                     if not self._enqueue(self._evaluations, effect, "dropped.evaluations_full"):
-                        self._apply(self.core.evaluation_failed(effect.query_id, self.now_ms()))
+                        self._apply(self.core.evaluation_failed(effect, self.now_ms()))
                 case QueryDone(outcome):
                     future = self._pending.get(outcome.query_id)
                     if future is not None and not future.done():
@@ -223,11 +223,7 @@ class Agent:
 
     def _handle(self, data: bytes, topic: str | None) -> None:
         known = len(self.core.membership)
-        try:
-            self._apply(self.core.receive(data, self.now_ms(), topic=topic))
-        except Exception:  # a bug on our side must not let one message stop the peer
-            self.core.metrics["internal_error"] += 1
-            log.exception("internal error while handling a message")
+        self._guarded(self.core.receive, data, self.now_ms(), topic=topic)
         if len(self.core.membership) != known:
             self._membership_changed.set()
 
@@ -264,11 +260,7 @@ class Agent:
                 if self._timer_due.get(key) != at_ms:
                     continue  # replaced by a later SetTimer for the same key
                 del self._timer_due[key]
-                try:
-                    self._apply(self.core.on_timer(key, now))
-                except Exception:
-                    self.core.metrics["internal_error"] += 1
-                    log.exception("internal error in timer %r", key)
+                self._guarded(self.core.on_timer, key, now)
             delay = (self._timers[0][0] - now) / 1000 if self._timers else None
             try:
                 async with asyncio.timeout(delay):
@@ -300,11 +292,23 @@ class Agent:
             log.exception("model evaluation failed for %d queries", len(items))
             now = self.now_ms()
             for item in items:
-                self._apply(self.core.evaluation_failed(item.query_id, now))
+                self._guarded(self.core.evaluation_failed, item, now)
             return
         now = self.now_ms()
         for item, vector in zip(items, vectors, strict=True):
-            self._apply(self.core.evaluated(item.query_id, vector, now))
+            self._guarded(self.core.evaluated, item, vector, now)
+
+    def _guarded(
+        self, handler: Callable[..., list[Effect]], *args: object, **kwargs: object
+    ) -> None:
+        """Apply a core handler's effects. Peers cannot make the core raise (it
+        rejects and counts); an exception here is our bug, and one bug in one
+        message must not stop the peer: log it, count it, go on."""
+        try:
+            self._apply(handler(*args, **kwargs))
+        except Exception:
+            self.core.metrics["internal_error"] += 1
+            log.exception("internal error in %s", getattr(handler, "__name__", handler))
 
     async def _outbound_loop(self) -> None:
         while True:

@@ -199,14 +199,14 @@ def _print_report(report: object) -> None:
         title=f"{s.peers} peers, Dirichlet alpha={s.alpha}, {s.queries} queries, rule={s.rule}",
     )
     table.add_column("model")
-    table.add_column("train size", justify="right")
-    table.add_column("accuracy (queries)", justify="right")
-    table.add_column("accuracy (test split)", justify="right")
+    table.add_column("train n", justify="right")
+    table.add_column("acc. queries", justify="right")
+    table.add_column("acc. test split", justify="right")
     best = max(range(len(report.peer_ids)), key=lambda i: report.peer_accuracy_on_queries[i])
     for i, pid in enumerate(report.peer_ids):
-        style = "bold" if i == best else None
+        style = "bold yellow" if i == best else None
         table.add_row(
-            f"peer {i} ({pid[:8]})" + (" best" if i == best else ""),
+            f"peer {i} {pid[:8]}" + (" (best)" if i == best else ""),
             str(report.train_sizes[i]),
             f"{100 * report.peer_accuracy_on_queries[i]:.1f}%",
             f"{100 * report.peer_accuracy[i]:.1f}%",
