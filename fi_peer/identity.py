@@ -131,6 +131,17 @@ def _unb64(text: Any, what: str) -> bytes:
         raise CorruptKeystore(f"keystore field {what!r} is not valid base64") from exc
 
 
+def _derive_key(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
+    """Argon2id key for the keystore's SecretBox."""
+    try:
+        secret = passphrase.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise KeystoreError("the passphrase is not valid text") from exc
+    return nacl.pwhash.argon2id.kdf(
+        nacl.secret.SecretBox.KEY_SIZE, secret, salt, opslimit=opslimit, memlimit=memlimit
+    )
+
+
 def encode_keystore(
     identity: Identity,
     passphrase: str | None,
@@ -146,14 +157,7 @@ def encode_keystore(
         if not passphrase:
             raise KeystoreError("the passphrase must not be empty")
         salt = nacl.utils.random(_SALT_BYTES)
-        key = nacl.pwhash.argon2id.kdf(
-            nacl.secret.SecretBox.KEY_SIZE,
-            passphrase.encode("utf-8"),
-            salt,
-            opslimit=opslimit,
-            memlimit=memlimit,
-        )
-        box = nacl.secret.SecretBox(key)
+        box = nacl.secret.SecretBox(_derive_key(passphrase, salt, opslimit, memlimit))
         doc |= {
             "kdf": "argon2id",
             "opslimit": opslimit,
@@ -187,13 +191,7 @@ def decode_keystore(raw: bytes, passphrase: str | None) -> Identity:
         if len(salt) != _SALT_BYTES:
             raise CorruptKeystore("keystore salt has the wrong length")
         ciphertext = _unb64(doc.get("ciphertext"), "ciphertext")
-        key = nacl.pwhash.argon2id.kdf(
-            nacl.secret.SecretBox.KEY_SIZE,
-            passphrase.encode("utf-8"),
-            salt,
-            opslimit=opslimit,
-            memlimit=memlimit,
-        )
+        key = _derive_key(passphrase, salt, opslimit, memlimit)
         try:
             secrets = nacl.secret.SecretBox(key).decrypt(ciphertext)
         except nacl.exceptions.CryptoError as exc:
