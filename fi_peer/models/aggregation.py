@@ -27,13 +27,61 @@ Rules (``C`` classes; vector length in brackets):
 ``support`` [2C]  ``[n_i(y) p_i(y|x), n_i(y)]``: each member's posterior for y
                   weighted by how many examples of y it trained on.
 
-Every rule carries ``l2_sensitivity``: the largest L2 change of one member's
-vector when one of its training records is added or removed, which is what the
-DP noise is calibrated to. ``None`` means unbounded (the network's output may
-move arbitrarily and is multiplied by an unbounded weight): such a rule needs
-clipping before it may be used with DP. ``vote``, ``soft`` and ``entropy`` are
-bounded because the whole vector is; ``evidence`` because each record adds at
-most 1 to a single coordinate.
+Privacy: what DP protects and each rule's sensitivity
+----------------------------------------------------
+DP protects the owners' TRAINING DATA (DESIGN.md threat model). Neighbouring
+relation: two worlds differ in ONE training record of ONE owner, added or
+removed (dp-accounting's ``ADD_OR_REMOVE_ONE``); every owner accounts for its
+own data in its own ledger. Seen from that owner, one query releases
+``v_i(x; D_i) + (others' vectors) + N(0, σ² I)``: the Gaussian mechanism on its
+own vector, so σ is calibrated to ``l2_sensitivity`` =
+``max ||v_i(x; D) - v_i(x; D')||`` over neighbouring ``D ~ D'`` and all x.
+
+============  ===========  ============  =======================================
+rule          add/remove   replace-one   why, and what the guarantee covers
+============  ===========  ============  =======================================
+``vote``      √2           √2            the vector is a one-hot whatever the
+                                         data: any two differ by at most √2
+``soft``      √2           √2            a point of the probability simplex
+                                         (enforced by :func:`to_simplex`),
+                                         diameter √2
+``entropy``   √2           √2            ``[w p, w]``, p in the simplex, w in
+                                         [0, 1]: ``||wp - w'p'||² + (w - w')²
+                                         <= w² + w'² + (w - w')² <= 2``
+``evidence``  1            √2            one record adds one kernel value in
+                                         (0, 1] to one class coordinate;
+                                         replacing it moves two coordinates
+``gated``     unbounded    unbounded     ``K p``: K grows with the data and one
+                                         record may flip the network's p
+``support``   unbounded    unbounded     same with ``n(y) p``
+============  ===========  ============  =======================================
+
+The network-output rules (``vote``, ``soft``, ``entropy``) are bounded the
+PATE way: NOT because one record moves the network little (nothing bounds
+that without DP training) but because the member's whole vector lives in a
+set of diameter √2. The bound therefore holds for ANY two training sets of
+the owner: their guarantee is owner-level (all of an owner's records at once),
+at the price of noise sized for a whole member's answer. ``evidence`` is
+record-level: its bound comes from the evidence head (a bounded kernel sum
+over the owner's points, :class:`fi_peer.models.zoo.OwnerModel`), so an
+owner's k near-identical records are protected as a group of k (ε grows
+accordingly). ``l2_sensitivity`` is the add/remove value the accountant uses;
+``replace_one_sensitivity`` the replace-one value, for owners who prefer that
+relation (the DESIGN.md histogram figure √2). ``None``: unbounded, refused
+under DP (``private_vector`` raises).
+
+:meth:`AggregationRule.private_vector` is the member side under DP: it maps the
+probabilities onto the simplex and clips the vector into the set whose
+diameter is the stated sensitivity, so a sloppy model (unnormalised scores,
+rounding) cannot exceed it. :meth:`AggregationRule.decide_confident_batch`
+(:func:`decide_confident`) is the querier side with abstention: it answers
+only when the top noisy score clears a threshold. Both are post-processing
+of one noisy release, so abstaining costs nothing extra and saves nothing
+either (the whole noisy vector was revealed). Hyperparameters: the kernel
+width h is one public value per task (the model card's bandwidth), chosen on
+a validation split or public data, never on the test set
+(benchmarks/privacy.py picks it per ε by cross-validation on the training
+split).
 
 ``decide`` tolerates noisy sums: negative or non-finite scores are clipped to
 0 in the distribution (uniform when nothing positive is left); the label is
@@ -57,15 +105,29 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from fi_peer.privacy.dp import clip_coordinates, to_simplex
+
 __all__ = [
+    "ABSTAIN",
+    "DEFAULT_PRIVATE_RULE",
     "RULES",
     "AggregationRule",
     "Evidence",
     "decide",
+    "decide_confident",
     "get_rule",
     "member_vector",
+    "private_member_vector",
     "sum_member_vectors",
 ]
+
+ABSTAIN = -1
+"""Label of :meth:`AggregationRule.decide_confident_batch` for "no confident answer"."""
+
+DEFAULT_PRIVATE_RULE = "evidence"
+"""The rule to use under DP: bounded record-level sensitivity and, on the digits
+benchmark, the only rule near the pooled model's accuracy at ε <= 2
+(benchmarks/results/privacy.json)."""
 
 Array = npt.NDArray[np.float64]
 
@@ -116,6 +178,11 @@ class AggregationRule(ABC):
     needs_parzen: ClassVar[bool] = False
     needs_counts: ClassVar[bool] = False
     l2_sensitivity: ClassVar[float | None]
+    """Add/remove-one-record L2 sensitivity of a member's vector (None: unbounded)."""
+    replace_one_sensitivity: ClassVar[float | None]
+    """The same under replace-one-record neighbouring."""
+    privacy_unit: ClassVar[str | None]
+    """What the DP guarantee covers: "owner" (all of an owner's records), "record", or None."""
 
     # Vector layout: ``blocks`` runs of C values, then ``extra`` scalars.
     blocks: ClassVar[int] = 1
@@ -169,6 +236,23 @@ class AggregationRule(ABC):
         assert out.shape == (n, self.vector_length(n_cls))
         return out
 
+    def private_vector(self, probs: npt.ArrayLike, evidence: Evidence | None = None) -> Array:
+        """:meth:`member_vector` under DP: probabilities mapped onto the simplex,
+        the result clipped into the set whose diameter is ``l2_sensitivity``.
+
+        ValueError for a rule without a bounded sensitivity.
+        """
+        if self.l2_sensitivity is None:
+            raise ValueError(f"rule {self.name!r} has unbounded sensitivity: not usable with DP")
+        p = _as_matrix(probs, "probs")
+        if np.any(p < 0):
+            raise ValueError("probs must be non-negative")
+        return self._enforce(self.member_vector(to_simplex(p), evidence))
+
+    def _enforce(self, vectors: Array) -> Array:
+        """Clip member vectors (built from simplex rows) into the rule's bounded set."""
+        return vectors
+
     def decide(self, sum_vector: npt.ArrayLike) -> tuple[int, Array]:
         """The summed vector of all members -> (label, distribution over classes)."""
         arr = np.asarray(sum_vector, dtype=np.float64)
@@ -188,6 +272,31 @@ class AggregationRule(ABC):
         ranked = np.where(np.isfinite(scores), scores, -np.inf)
         return np.argmax(ranked, axis=1).astype(np.int64), _normalize(scores)
 
+    def decide_confident_batch(
+        self, sums: npt.ArrayLike, threshold: float
+    ) -> npt.NDArray[np.int64]:
+        """Row-wise labels, or :data:`ABSTAIN` where the top score is below ``threshold``.
+
+        The score is the one :meth:`decide` ranks by: noisy votes for ``vote``,
+        summed probabilities for ``soft``, the weighted mean probability for
+        ``entropy``, summed kernel evidence for ``evidence`` (PATE's confident
+        GNMax answers when the noisy top vote clears T, e.g. half the committee).
+        """
+        t = float(threshold)
+        if math.isnan(t):
+            raise ValueError("threshold must not be NaN")
+        arr = np.asarray(sums, dtype=np.float64)
+        if arr.ndim != 2:
+            raise ValueError(f"sums must be a 2-D array, got shape {arr.shape}")
+        if np.any(np.isnan(arr)):
+            raise ValueError("sums contain NaN")
+        scores = self._scores(arr, self.n_classes(arr.shape[1]))
+        ranked = np.where(np.isfinite(scores), scores, -np.inf)
+        labels = np.argmax(ranked, axis=1).astype(np.int64)
+        top = ranked[np.arange(ranked.shape[0]), labels]
+        out: npt.NDArray[np.int64] = np.where(top >= t, labels, ABSTAIN).astype(np.int64)
+        return out
+
     @abstractmethod
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
         """Member side, on validated inputs."""
@@ -201,6 +310,8 @@ class VoteRule(AggregationRule):
     name = "vote"
     description = "hard vote: one-hot of each member's argmax"
     l2_sensitivity = math.sqrt(2.0)
+    replace_one_sensitivity = math.sqrt(2.0)
+    privacy_unit = "owner"
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
         out = np.zeros_like(probs)
@@ -215,6 +326,8 @@ class SoftRule(AggregationRule):
     name = "soft"
     description = "soft vote: mean of the members' probabilities"
     l2_sensitivity = math.sqrt(2.0)
+    replace_one_sensitivity = math.sqrt(2.0)
+    privacy_unit = "owner"
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
         return probs.copy()
@@ -232,13 +345,20 @@ def _entropy_weight(probs: Array) -> Array:
 class EntropyRule(AggregationRule):
     name = "entropy"
     description = "entropy-weighted soft vote: [w p, w], w = exp(-H(p))"
-    # p-block moves by at most sqrt(2), the weight (in [1/C, 1]) by less than 1.
-    l2_sensitivity = math.sqrt(3.0)
+    # [w p, w] with p in the simplex and w in [0, 1]: two such vectors differ by
+    # at most sqrt(w² + w'² + (w - w')²) <= sqrt(2) (module docstring).
+    l2_sensitivity = math.sqrt(2.0)
+    replace_one_sensitivity = math.sqrt(2.0)
+    privacy_unit = "owner"
     extra = 1
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
         w = _entropy_weight(probs)[:, None]
         return np.hstack([w * probs, w])
+
+    def _enforce(self, vectors: Array) -> Array:
+        # w = exp(-H) may round a hair above 1; clip [w p, w] into [0, 1] (p <= 1).
+        return clip_coordinates(vectors, 0.0, 1.0)
 
     def _scores(self, sums: Array, n_classes: int) -> Array:
         return _ratio(sums[:, :n_classes], sums[:, n_classes:])
@@ -249,6 +369,8 @@ class EvidenceRule(AggregationRule):
     description = "bounded Parzen evidence per class (sum = pooled Parzen joint)"
     needs_parzen = True
     l2_sensitivity = 1.0
+    replace_one_sensitivity = math.sqrt(2.0)
+    privacy_unit = "record"
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
         assert parzen is not None
@@ -263,6 +385,8 @@ class GatedRule(AggregationRule):
     description = "density-gated soft vote: [K p, K], K = total Parzen evidence"
     needs_parzen = True
     l2_sensitivity = None
+    replace_one_sensitivity = None
+    privacy_unit = None
     extra = 1
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
@@ -279,6 +403,8 @@ class SupportRule(AggregationRule):
     description = "label support: [n(y) p(y|x), n(y)]"
     needs_counts = True
     l2_sensitivity = None
+    replace_one_sensitivity = None
+    privacy_unit = None
     blocks = 2
 
     def _encode(self, probs: Array, parzen: Array | None, counts: Array | None) -> Array:
@@ -328,6 +454,27 @@ def member_vector(
 def decide(sum_vector: npt.ArrayLike, rule: str | AggregationRule) -> tuple[int, Array]:
     """Querier side of ``rule``: summed vector -> (label, distribution)."""
     return get_rule(rule).decide(sum_vector)
+
+
+def private_member_vector(
+    probs: npt.ArrayLike, evidence: Evidence | None, rule: str | AggregationRule
+) -> Array:
+    """Member side of ``rule`` under DP (:meth:`AggregationRule.private_vector`):
+    the clipped vector whose L2 sensitivity is ``rule.l2_sensitivity``; add the
+    noise share (``fi_peer.privacy.dp.add_member_noise``) to THIS vector."""
+    return get_rule(rule).private_vector(probs, evidence)
+
+
+def decide_confident(
+    sum_vector: npt.ArrayLike, rule: str | AggregationRule, threshold: float
+) -> int | None:
+    """Querier side with abstention: the label, or None when the top (noisy)
+    score is below ``threshold`` (see :meth:`AggregationRule.decide_confident_batch`)."""
+    arr = np.asarray(sum_vector, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"sum_vector must be 1-D, got shape {arr.shape}")
+    label = int(get_rule(rule).decide_confident_batch(arr[None, :], threshold)[0])
+    return None if label == ABSTAIN else label
 
 
 def sum_member_vectors(vectors: Iterable[npt.ArrayLike]) -> Array:

@@ -12,13 +12,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fi_peer.models.aggregation import (
+    ABSTAIN,
+    DEFAULT_PRIVATE_RULE,
     RULES,
     Evidence,
     decide,
+    decide_confident,
     get_rule,
     member_vector,
+    private_member_vector,
     sum_member_vectors,
 )
+from fi_peer.privacy.dp import add_member_noise, calibrate_sigma
 
 
 def total(
@@ -217,3 +222,142 @@ def test_vote_histogram_counts_every_member_once(
     assert np.all(histogram >= 0)
     label, _ = decide(histogram, "vote")
     assert histogram[label] == histogram.max()
+
+
+# --- rules under DP noise ---------------------------------------------------------
+
+BOUNDED_NETWORK_RULES = ("vote", "soft", "entropy")
+
+
+def test_sensitivities_and_privacy_units() -> None:
+    table = {
+        name: (rule.l2_sensitivity, rule.replace_one_sensitivity, rule.privacy_unit)
+        for name, rule in RULES.items()
+    }
+    root2 = math.sqrt(2.0)
+    assert table == {
+        "vote": (root2, root2, "owner"),
+        "soft": (root2, root2, "owner"),
+        "entropy": (root2, root2, "owner"),
+        "evidence": (1.0, root2, "record"),
+        "gated": (None, None, None),
+        "support": (None, None, None),
+    }
+    assert RULES[DEFAULT_PRIVATE_RULE].dp_bounded
+
+
+@pytest.mark.parametrize("name", ["gated", "support"])
+def test_unbounded_rules_are_refused_under_dp(name: str) -> None:
+    ev = Evidence(parzen=[[1.0, 2.0]], class_counts=[3, 4])
+    with pytest.raises(ValueError, match="unbounded sensitivity"):
+        private_member_vector([[0.5, 0.5]], ev, name)
+
+
+score_rows = hnp.arrays(
+    np.float64,
+    st.tuples(st.just(2), st.integers(2, 7)),
+    elements=st.floats(0.0, 1e4, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(scores=score_rows)
+def test_private_vectors_of_any_two_outputs_are_within_the_sensitivity(
+    scores: np.ndarray,
+) -> None:
+    # Owner-level bound: whatever two training sets produce (even unnormalised
+    # scores), the member's DP vectors differ by at most l2_sensitivity.
+    for name in BOUNDED_NETWORK_RULES:
+        rule = RULES[name]
+        assert rule.l2_sensitivity is not None
+        a, b = rule.private_vector(scores)
+        assert float(np.linalg.norm(a - b)) <= rule.l2_sensitivity * (1 + 1e-12), name
+        assert np.all(rule.private_vector(scores) >= 0)
+
+
+def test_worst_case_pairs_reach_the_stated_sensitivity() -> None:
+    one_hots = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    for name in BOUNDED_NETWORK_RULES:
+        a, b = RULES[name].private_vector(one_hots)
+        assert float(np.linalg.norm(a - b)) == pytest.approx(math.sqrt(2.0)), name
+
+
+def test_private_soft_vector_is_the_normalised_distribution() -> None:
+    out = private_member_vector([[2.0, 6.0], [0.0, 0.0]], None, "soft")
+    np.testing.assert_allclose(out, [[0.25, 0.75], [0.5, 0.5]])
+    # A well-formed distribution is untouched (the plaintext rule and the DP rule agree).
+    probs = np.array([[0.2, 0.5, 0.3]])
+    for name in ("vote", "soft", "entropy"):
+        np.testing.assert_allclose(
+            private_member_vector(probs, None, name), member_vector(probs, None, name)
+        )
+
+
+def test_parzen_evidence_moves_by_at_most_one_per_record() -> None:
+    # The real evidence head (torch): add, remove or replace one training record.
+    torch = pytest.importorskip("torch")
+    from fi_peer.models.zoo import OwnerModel, build_network
+
+    gen = np.random.default_rng(3)
+    X = gen.random((40, 64)).astype(np.float32)
+    y = gen.integers(0, 10, 40)
+    queries = np.vstack([X[:5], gen.random((15, 64)).astype(np.float32)])
+
+    def evidence(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        model = OwnerModel(
+            build_network("mlp-64-32-10"),
+            arch="mlp-64-32-10",
+            support_x=torch.from_numpy(xs),
+            support_y=torch.from_numpy(ys.astype(np.int64)),
+            bandwidth=1.25,
+        )
+        with torch.inference_mode():
+            ev = model.parzen_evidence(torch.from_numpy(queries)).double().numpy()
+        return RULES["evidence"].private_vector(np.full((len(queries), 10), 0.1), Evidence(ev))
+
+    base = evidence(X, y)
+    removed = evidence(X[1:], y[1:])
+    replaced = evidence(np.vstack([X[1:], X[:1] * 0.5]), np.append(y[1:], (y[0] + 1) % 10))
+    add_remove = np.linalg.norm(base - removed, axis=1)
+    replace = np.linalg.norm(base - replaced, axis=1)
+    assert np.all(add_remove <= 1.0 + 1e-6) and RULES["evidence"].l2_sensitivity == 1.0
+    assert np.all(replace <= math.sqrt(2.0) + 1e-6)
+    assert add_remove.max() == pytest.approx(1.0, abs=1e-6)  # the query at the removed point
+    assert replace.max() > 1.0  # replace-one really needs more than 1
+
+
+def test_decide_confident_abstains_below_the_threshold() -> None:
+    assert decide_confident([1.0, 6.0, 3.0], "vote", 5.0) == 1
+    assert decide_confident([1.0, 4.9, 3.0], "vote", 5.0) is None
+    assert decide_confident([1.0, 5.0, 3.0], "vote", 5.0) == 1  # at T: answers
+    # Entropy: the threshold applies to the weighted mean probability.
+    assert decide_confident([0.8, 0.2, 1.0], "entropy", 0.7) == 0
+    assert decide_confident([0.6, 0.4, 1.0], "entropy", 0.7) is None
+    labels = RULES["evidence"].decide_confident_batch([[0.1, 9.0], [0.2, 0.3]], 1.0)
+    np.testing.assert_array_equal(labels, [1, ABSTAIN])
+    with pytest.raises(ValueError, match="NaN"):
+        decide_confident([1.0, 2.0], "vote", math.nan)
+    with pytest.raises(ValueError, match="1-D"):
+        decide_confident([[1.0, 2.0]], "vote", 1.0)
+
+
+def test_confident_gnmax_with_distributed_noise() -> None:
+    """ε = 4, 10 members, t = 10, each adds N(0, σ²/t), threshold T = 5 votes: a
+    consensus is answered, a split committee mostly is not (post-processing of
+    one noisy histogram; fixed seed)."""
+    n_members = 10
+    sigma = calibrate_sigma(4.0, 1e-5, RULES["vote"].l2_sensitivity or 0.0)
+    rng = np.random.default_rng(2024)
+
+    def noisy_histogram(labels: list[int]) -> np.ndarray:
+        one_hot = np.eye(4)[labels]
+        vectors = [private_member_vector(row[None, :], None, "vote")[0] for row in one_hot]
+        noised = [add_member_noise(v, sigma, n_members, rng) for v in vectors]
+        return sum_member_vectors(noised)
+
+    consensus = [2] * 9 + [0]
+    split = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    answers = [decide_confident(noisy_histogram(consensus), "vote", 5.0) for _ in range(200)]
+    abstains = [decide_confident(noisy_histogram(split), "vote", 5.0) for _ in range(200)]
+    assert sum(a == 2 for a in answers) >= 190
+    assert sum(a is None for a in abstains) >= 120
