@@ -9,7 +9,16 @@ one ``asyncio.TaskGroup``:
 - ``topic:<name>``: one per gossip subscription -> ``core.receive(topic=...)``
 - ``timers``: fires the core's timers at their due time
 - ``evaluate``: batches pending model evaluations, runs them off the loop
+- ``charge``: records each answer's privacy cost in the owner's budget (a
+  durable write, off the loop) and only then lets the core send the share
 - ``outbound``: hands sealed bytes to the transport (bounded queue)
+
+Privacy: queries are securely aggregated by default (the core's config).
+``query(..., epsilon=, delta=)`` calibrates the Gaussian noise of the sum for
+the rule's L2 sensitivity (fi_peer.privacy.dp, fi_peer.models.aggregation)
+and the members check it against their own policy. A member's budget is a
+:class:`LedgerGuard` (a PrivacyGuard over fi_peer.privacy.budget.BudgetLedger)
+given to its PeerCore.
 
 Nothing a peer sends can stop the agent: the core rejects bad input and
 counts it; an unexpected exception while handling one message is logged,
@@ -25,6 +34,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol
@@ -32,8 +42,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fi_peer.errors import LocalProtocolError
+from fi_peer.errors import FiPeerError, LocalProtocolError
+from fi_peer.models.aggregation import get_rule
+from fi_peer.privacy.budget import BudgetExceeded, BudgetLedger
+from fi_peer.privacy.dp import ORDERS, calibrate_sigma, rdp_cost
 from fi_peer.protocol.effects import (
+    Charge,
     Effect,
     Evaluate,
     Publish,
@@ -42,12 +56,15 @@ from fi_peer.protocol.effects import (
     Send,
     SetTimer,
 )
+from fi_peer.protocol.messages import QueryRequest
 from fi_peer.protocol.peer import PeerCore
 from network.base import Subscription, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# (rule, epsilon, delta) -> calibrated noise std: a pure function, worth remembering
+_SIGMAS: dict[tuple[str, float, float], float] = {}
 
 
 class ModelBackend(Protocol):
@@ -58,6 +75,81 @@ class ModelBackend(Protocol):
         ...
 
     def vector_length(self, rule: str) -> int: ...
+
+
+class LedgerGuard:
+    """The owner's privacy policy and budget for the core (protocol.guard.PrivacyGuard).
+
+    Policy: a query under DP (0 < epsilon < inf) must carry at least the noise
+    that (epsilon, delta) needs for its rule's L2 sensitivity, and its epsilon may
+    not exceed ``max_query_epsilon``; rules of unbounded sensitivity are refused
+    under DP. A query without DP (epsilon 0) costs infinite RDP, so only an owner
+    with unlimited budgets answers it. Budget: the cost of what the querier sees
+    (RDP of a Gaussian release with the member's effective noise) is checked at
+    offer time and charged, durably, before the share leaves. Ledger failures are
+    refusals, never silent passes.
+    """
+
+    def __init__(self, ledger: BudgetLedger, *, max_query_epsilon: float = math.inf) -> None:
+        self.ledger = ledger
+        self.max_query_epsilon = max_query_epsilon
+        # (sigma, sensitivity) -> RDP: queries at one epsilon all cost the same
+        self._costs: dict[tuple[float, float], tuple[float, ...]] = {}
+
+    @staticmethod
+    def _sensitivity(rule: str) -> float | None:
+        try:
+            return get_rule(rule).l2_sensitivity
+        except ValueError:
+            return None
+
+    def required_sigma(self, request: QueryRequest) -> float | None:
+        eps = request.epsilon
+        if eps == 0 or math.isinf(eps):
+            return 0.0  # no DP: answered only on an unlimited budget (see check)
+        sensitivity = self._sensitivity(request.rule)
+        if sensitivity is None or eps > self.max_query_epsilon:
+            return None
+        try:
+            return calibrate_sigma(eps, request.delta, sensitivity)
+        except ValueError:
+            return None
+
+    def cost(self, request: QueryRequest, sigma: float) -> tuple[float, ...]:
+        sensitivity = self._sensitivity(request.rule)
+        if sensitivity is None:
+            return tuple(math.inf for _ in ORDERS)
+        key = (sigma, sensitivity)
+        cost = self._costs.get(key)
+        if cost is None:
+            if len(self._costs) >= 256:
+                self._costs.clear()
+            cost = self._costs[key] = rdp_cost(sigma, sensitivity)
+        return cost
+
+    def check(self, querier: str, request: QueryRequest, sigma: float, now_ms: int) -> str | None:
+        try:
+            return self.ledger.check(querier, self.cost(request, sigma), now_ms / 1000)
+        except (FiPeerError, ValueError):
+            log.exception("budget ledger check failed")
+            return "ledger_error"
+
+    def charge(
+        self, querier: str, request: QueryRequest, sigma: float, now_ms: int
+    ) -> str | None:
+        cost = self.cost(request, sigma)
+        try:
+            self.ledger.charge(querier, request.query_id, cost, now_ms / 1000)
+        except BudgetExceeded as exc:
+            return exc.reason
+        except (FiPeerError, ValueError):
+            log.exception("budget ledger charge failed")
+            return "ledger_error"
+        return None  # charged now, or already (a retried charge is a no-op)
+
+    def warm_up(self) -> None:
+        """Load the RDP accountant (~1-3 s the first time) before queries need it."""
+        rdp_cost(1.0, 1.0)
 
 
 class Agent:
@@ -81,6 +173,7 @@ class Agent:
         self._queue_size = queue_size
         self._outbound: asyncio.Queue[Send | Publish] = asyncio.Queue(queue_size)
         self._evaluations: asyncio.Queue[Evaluate] = asyncio.Queue(queue_size)
+        self._charges: asyncio.Queue[Charge] = asyncio.Queue(queue_size)
         self._timers: list[tuple[int, int, Hashable]] = []
         self._timer_due: dict[Hashable, int] = {}
         self._timer_changed = asyncio.Event()
@@ -113,6 +206,9 @@ class Agent:
     async def start(self) -> None:
         if self._runner is not None:
             raise LocalProtocolError("agent already started")
+        guard = self.core.responder.guard
+        if isinstance(guard, LedgerGuard):
+            await asyncio.to_thread(guard.warm_up)
         await self.transport.start()
         subscriptions = [await self.transport.subscribe(t) for t in self.core.topics()]
         self._runner = asyncio.create_task(
@@ -129,6 +225,7 @@ class Agent:
                     tg.create_task(self._topic_loop(sub), name=f"topic:{sub.topic}")
                 tg.create_task(self._timer_loop(), name="timers")
                 tg.create_task(self._evaluate_loop(), name="evaluate")
+                tg.create_task(self._charge_loop(), name="charge")
                 tg.create_task(self._outbound_loop(), name="outbound")
                 self._ready.set()
         finally:
@@ -160,12 +257,22 @@ class Agent:
         k: int,
         max_price_wei: int = 0,
         timeout_s: float = 5.0,
+        epsilon: float = 0.0,
+        delta: float = 1e-5,
+        secagg: bool | None = None,
     ) -> QueryOutcome:
-        """Ask the network; returns how the query ended. Never hangs past the timeout."""
+        """Ask the network; returns how the query ended. Never hangs past the timeout.
+
+        ``epsilon`` > 0: each member's answer is (epsilon, delta)-DP for its data
+        (Gaussian noise on the sum, calibrated to ``rule``'s L2 sensitivity);
+        0: no noise. ``secagg`` overrides the core's mode (secure aggregation
+        unless configured otherwise).
+        """
         if self._runner is None or self._closed:
             raise LocalProtocolError("agent is not running")
         if self.model is None:
             raise LocalProtocolError("a querier needs a model to know the vector length")
+        noise_sigma = await self.noise_sigma(rule, epsilon, delta)
         timeout_ms = int(timeout_s * 1000)
         query_id, effects = self.core.submit_query(
             x,
@@ -175,6 +282,10 @@ class Agent:
             max_price_wei=max_price_wei,
             timeout_ms=timeout_ms,
             now_ms=self.now_ms(),
+            epsilon=epsilon,
+            delta=delta if epsilon > 0 else 0.0,
+            noise_sigma=noise_sigma,
+            secagg=secagg,
         )
         future: asyncio.Future[QueryOutcome] = asyncio.get_running_loop().create_future()
         self._pending[query_id] = future
@@ -190,6 +301,31 @@ class Agent:
         finally:
             self._pending.pop(query_id, None)
 
+    @staticmethod
+    async def noise_sigma(rule: str, epsilon: float, delta: float) -> float:
+        """Noise std of the sum for an (epsilon, delta) query under ``rule`` (0: no DP)."""
+        if epsilon == 0:
+            return 0.0
+        key = (rule, epsilon, delta)
+        sigma = _SIGMAS.get(key)
+        if sigma is not None:
+            return sigma
+        try:
+            sensitivity = get_rule(rule).l2_sensitivity
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from exc
+        if sensitivity is None:
+            raise LocalProtocolError(
+                f"rule {rule!r} has unbounded sensitivity: it cannot be answered under DP"
+            )
+        try:  # calibrating runs the RDP accountant (seconds the first time): off the loop
+            sigma = await asyncio.to_thread(calibrate_sigma, epsilon, delta, sensitivity)
+        except ValueError as exc:
+            raise LocalProtocolError(f"invalid privacy parameters: {exc}") from exc
+        if len(_SIGMAS) < 1024:
+            _SIGMAS[key] = sigma
+        return sigma
+
     # -- effects --------------------------------------------------------------------
     def _apply(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
@@ -203,6 +339,9 @@ class Agent:
                 case Evaluate():
                     if not self._enqueue(self._evaluations, effect, "dropped.evaluations_full"):
                         self._apply(self.core.evaluation_failed(effect, self.now_ms()))
+                case Charge():
+                    if not self._enqueue(self._charges, effect, "dropped.charges_full"):
+                        self._apply(self.core.charged(effect, "charge_queue_full", self.now_ms()))
                 case QueryDone(outcome):
                     future = self._pending.get(outcome.query_id)
                     if future is not None and not future.done():
@@ -210,7 +349,7 @@ class Agent:
 
     def _enqueue(
         self,
-        queue: asyncio.Queue[Send | Publish] | asyncio.Queue[Evaluate],
+        queue: asyncio.Queue[Send | Publish] | asyncio.Queue[Evaluate] | asyncio.Queue[Charge],
         item: object,
         metric: str,
     ) -> bool:
@@ -297,6 +436,33 @@ class Agent:
         now = self.now_ms()
         for item, vector in zip(items, vectors, strict=True):
             self._guarded(self.core.evaluated, item, vector, now)
+
+    async def _charge_loop(self) -> None:
+        """Durable charges off the loop, one at a time (the ledger is one writer):
+        whatever is pending goes to the worker thread together."""
+        while True:
+            batch = [await self._charges.get()]
+            while not self._charges.empty():
+                batch.append(self._charges.get_nowait())
+            refusals = await asyncio.to_thread(self._charge_batch, batch, self.now_ms())
+            now = self.now_ms()
+            for item, refusal in zip(batch, refusals, strict=True):
+                self._guarded(self.core.charged, item, refusal, now)
+
+    def _charge_batch(self, batch: list[Charge], now_ms: int) -> list[str | None]:
+        """Runs in a worker thread. A charge that raises is a refusal, never a pass."""
+        guard = self.core.responder.guard
+        refusals: list[str | None] = []
+        for item in batch:
+            if guard is None:
+                refusals.append("no_guard")
+                continue
+            try:
+                refusals.append(guard.charge(item.querier, item.request, item.sigma, now_ms))
+            except Exception:
+                log.exception("privacy charge failed")
+                refusals.append("charge_failed")
+        return refusals
 
     def _guarded(
         self, handler: Callable[..., list[Effect]], *args: object, **kwargs: object

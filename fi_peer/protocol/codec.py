@@ -18,6 +18,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar, cast
 
@@ -39,8 +40,16 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
+_SCALARS = frozenset({int, bool, float, str, bytes})
+
+
 def to_wire(value: Any) -> Any:
     """Plain msgpack-able structure of a message value."""
+    tp = type(value)
+    if tp in _SCALARS:
+        return value
+    if tp is tuple or tp is list:
+        return [v if type(v) in _SCALARS else to_wire(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [to_wire(getattr(value, name)) for name, _ in _fields(type(value))]
     if isinstance(value, tuple):
@@ -48,50 +57,96 @@ def to_wire(value: Any) -> Any:
     return value
 
 
-def _check(tp: Any, raw: Any, path: str) -> Any:
-    if tp is bool:
-        if type(raw) is not bool:
-            raise MalformedMessage(f"{path}: expected bool")
-        return raw
-    if tp is int:
-        if type(raw) is not int or not _INT_MIN <= raw <= _INT_MAX:
-            raise MalformedMessage(f"{path}: expected int")
-        return raw
-    if tp is float:
-        if type(raw) is not float or not math.isfinite(raw):
-            raise MalformedMessage(f"{path}: expected a finite float")
-        return raw
-    if tp is str:
-        if type(raw) is not str or len(raw) > MAX_STR:
-            raise MalformedMessage(f"{path}: expected str of at most {MAX_STR} chars")
-        return raw
-    if tp is bytes:
-        if type(raw) is not bytes or len(raw) > MAX_BYTES:
-            raise MalformedMessage(f"{path}: expected bytes of at most {MAX_BYTES}")
-        return raw
+Decoder = Callable[[Any, str], Any]
+
+
+def _decode_bool(raw: Any, path: str) -> Any:
+    if type(raw) is not bool:
+        raise MalformedMessage(f"{path}: expected bool")
+    return raw
+
+
+def _decode_int(raw: Any, path: str) -> Any:
+    if type(raw) is not int or not _INT_MIN <= raw <= _INT_MAX:
+        raise MalformedMessage(f"{path}: expected int")
+    return raw
+
+
+def _decode_float(raw: Any, path: str) -> Any:
+    if type(raw) is not float or not math.isfinite(raw):
+        raise MalformedMessage(f"{path}: expected a finite float")
+    return raw
+
+
+def _decode_str(raw: Any, path: str) -> Any:
+    if type(raw) is not str or len(raw) > MAX_STR:
+        raise MalformedMessage(f"{path}: expected str of at most {MAX_STR} chars")
+    return raw
+
+
+def _decode_bytes(raw: Any, path: str) -> Any:
+    if type(raw) is not bytes or len(raw) > MAX_BYTES:
+        raise MalformedMessage(f"{path}: expected bytes of at most {MAX_BYTES}")
+    return raw
+
+
+_SCALAR_DECODERS: dict[Any, Decoder] = {
+    bool: _decode_bool,
+    int: _decode_int,
+    float: _decode_float,
+    str: _decode_str,
+    bytes: _decode_bytes,
+}
+
+
+@cache
+def _decoder(tp: Any) -> Decoder:
+    """The strict decoder of one wire type, built once per type."""
+    scalar = _SCALAR_DECODERS.get(tp)
+    if scalar is not None:
+        return scalar
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item_tp, ellipsis) = typing.get_args(tp)
         if ellipsis is not Ellipsis:  # pragma: no cover - schema bug, not input
             raise TypeError(f"only tuple[T, ...] is supported, got {tp}")
-        if type(raw) is not list or len(raw) > MAX_ITEMS:
-            raise MalformedMessage(f"{path}: expected a list of at most {MAX_ITEMS} items")
-        return tuple(_check(item_tp, v, f"{path}[{i}]") for i, v in enumerate(raw))
+        item = _decoder(item_tp)
+
+        def decode_tuple(raw: Any, path: str) -> Any:
+            if type(raw) is not list or len(raw) > MAX_ITEMS:
+                raise MalformedMessage(f"{path}: expected a list of at most {MAX_ITEMS} items")
+            return tuple([item(v, f"{path}[{i}]") for i, v in enumerate(raw)])
+
+        return decode_tuple
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_wire(tp, raw, path)
+        cls = tp
+
+        def decode_nested(raw: Any, path: str) -> Any:
+            return from_wire(cls, raw, path)
+
+        return decode_nested
     if isinstance(tp, types.UnionType):  # pragma: no cover - schema bug, not input
         raise TypeError("unions are not allowed on the wire")
-    raise TypeError(f"unsupported wire type {tp!r} at {path}")  # pragma: no cover
+    raise TypeError(f"unsupported wire type {tp!r}")  # pragma: no cover
+
+
+@cache
+def _field_decoders(cls: type) -> tuple[tuple[str, Decoder], ...]:
+    return tuple((name, _decoder(tp)) for name, tp in _fields(cls))
+
+
+def _check(tp: Any, raw: Any, path: str) -> Any:
+    return _decoder(tp)(raw, path)
 
 
 def from_wire(cls: type[T], raw: Any, path: str = "") -> T:
     """Build ``cls`` from its plain structure, strictly."""
-    spec = _fields(cast(type, cls))
+    spec = _field_decoders(cast(type, cls))
     name = path or cls.__name__
     if type(raw) is not list or len(raw) != len(spec):
         raise MalformedMessage(f"{name}: expected an array of {len(spec)} fields")
     values = {
-        fname: _check(tp, v, f"{name}.{fname}") for (fname, tp), v in zip(spec, raw, strict=True)
+        fname: decode(v, f"{name}.{fname}") for (fname, decode), v in zip(spec, raw, strict=True)
     }
     try:
         return cls(**values)
@@ -124,8 +179,14 @@ def unpack_raw(data: bytes, *, max_len: int) -> Any:
 
 
 def unpack(cls: type[T], data: bytes, *, max_len: int = MAX_BYTES) -> T:
-    """Decode canonical bytes into ``cls``; MalformedMessage on anything else."""
-    value = from_wire(cls, unpack_raw(data, max_len=max_len))
-    if pack(value) != data:
+    """Decode canonical bytes into ``cls``; MalformedMessage on anything else.
+
+    Canonical means ``pack(value) == data``. Decoding keeps every scalar as it
+    is and turns lists into tuples, so re-encoding the value is re-encoding the
+    plain structure: that is checked first, before any object is built (one C
+    call instead of a walk over the dataclass).
+    """
+    raw = unpack_raw(data, max_len=max_len)
+    if msgpack.packb(raw, use_bin_type=True) != data:
         raise MalformedMessage(f"{cls.__name__}: non-canonical encoding")
-    return value
+    return from_wire(cls, raw)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from fi_peer.protocol.messages import QueryRequest
+
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -58,6 +60,20 @@ class Evaluate:
 
 
 @dataclass(frozen=True, slots=True)
+class Charge:
+    """Record the privacy cost of one answer in the owner's budget, durably, with
+    ``guard.charge(querier, request, sigma, now)`` of the PrivacyGuard the core was
+    given; then call ``PeerCore.charged(this_effect, refusal, now)`` with its
+    result (None: charged). The member's share leaves only after a successful
+    charge, so there is never an answer without its charge. If the driver cannot
+    charge (an I/O error), it must report a refusal, never None."""
+
+    querier: str
+    request: QueryRequest = field(repr=False)
+    sigma: float  # noise std protecting this member's vector in what the querier sees
+
+
+@dataclass(frozen=True, slots=True)
 class QueryOutcome:
     """How one query ended, as the querier sees it."""
 
@@ -77,4 +93,4 @@ class QueryDone:
     outcome: QueryOutcome
 
 
-Effect = Publish | Send | SetTimer | Evaluate | QueryDone
+Effect = Publish | Send | SetTimer | Evaluate | Charge | QueryDone

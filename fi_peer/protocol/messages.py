@@ -8,15 +8,28 @@ that kind, checked before anything is parsed.
 
 Times are absolute milliseconds on the sender's clock. Ids and keys are raw
 bytes; peer ids are the 64-char hex of an Ed25519 key.
+
+Secure aggregation (fi_peer.privacy.secagg) adds four kinds to the flow of
+DESIGN.md steps 4-7: ``KeyShares`` (member -> querier: Shamir shares of its
+self-mask seed and mask key, encrypted to each other member), ``KeyRelay``
+(querier -> member: U1 and the ciphertexts addressed to it), ``Unmask``
+(querier -> survivor: who survived, who dropped) and ``Reveal`` (survivor ->
+querier: the shares that request asks for). Members are named by their index
+in the Accept's committee.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from fi_peer.privacy.secagg import CIPHERTEXT_LEN, COMMIT_LEN, TAG_LEN
+from fi_peer.privacy.shamir import SHARE_LEN
 
 QUERY_ID_LEN = 16
 KEY_LEN = 32
@@ -34,55 +47,90 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-_FIELD_TYPES: dict[type, tuple[tuple[str, Any], ...]] = {}
+TypeCheck = Callable[[object], bool]
 
 
-def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
-    spec = _FIELD_TYPES.get(cls)
+def _type_check(tp: Any) -> TypeCheck:
+    """A predicate: ``value`` is of wire type ``tp`` (no bool for an int, no int
+    for a float, ...). Built once per field."""
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is bool:
+        return lambda v: type(v) is bool
+    if tp in (float, str, bytes):
+        return lambda v: isinstance(v, tp)
+    if typing.get_origin(tp) is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if item_tp in (str, bytes):
+            return lambda v: isinstance(v, tuple) and all(isinstance(i, item_tp) for i in v)
+        item = _type_check(item_tp)
+        return lambda v: isinstance(v, tuple) and all(item(i) for i in v)
+    return lambda v: isinstance(v, tp)
+
+
+_FIELD_CHECKS: dict[type, tuple[tuple[str, TypeCheck], ...]] = {}
+
+
+def _field_checks(cls: type) -> tuple[tuple[str, TypeCheck], ...]:
+    spec = _FIELD_CHECKS.get(cls)
     if spec is None:
         hints = typing.get_type_hints(cls)
-        spec = _FIELD_TYPES[cls] = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        spec = _FIELD_CHECKS[cls] = tuple(
+            (f.name, _type_check(hints[f.name])) for f in dataclasses.fields(cls)
+        )
     return spec
 
 
-def _has_type(value: object, tp: Any) -> bool:
-    """``value`` is of wire type ``tp``: no bool for an int, no int for a float, ..."""
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is bool:
-        return type(value) is bool
-    if tp in (float, str, bytes):
-        return isinstance(value, tp)
-    if typing.get_origin(tp) is tuple:
-        item_tp = typing.get_args(tp)[0]
-        return isinstance(value, tuple) and all(_has_type(v, item_tp) for v in value)
-    return isinstance(value, tp)
-
-
 def _typed(obj: object) -> None:
-    for name, tp in _field_types(type(obj)):
-        _require(_has_type(getattr(obj, name), tp), f"{name} has the wrong type")
+    for name, check in _field_checks(type(obj)):
+        if not check(getattr(obj, name)):
+            raise ValueError(f"{name} has the wrong type")
+
+
+_PEER_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_peer_id(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return _PEER_ID.fullmatch(value) is not None
 
 
 def _query_id(value: bytes) -> None:
-    _require(len(value) == QUERY_ID_LEN, f"query_id must be {QUERY_ID_LEN} bytes")
+    if len(value) != QUERY_ID_LEN:
+        raise ValueError(f"query_id must be {QUERY_ID_LEN} bytes")
 
 
 def _name(value: str, what: str, max_len: int = 64) -> None:
     ok = 0 < len(value) <= max_len and value.isascii() and value.isprintable()
-    _require(ok and " " not in value and "/" not in value, f"{what} must be a short ASCII token")
+    if not (ok and " " not in value and "/" not in value):
+        raise ValueError(f"{what} must be a short ASCII token")
 
 
 def _nonneg(value: int, what: str, upper: int = 1 << 63) -> None:
-    _require(0 <= value <= upper, f"{what} out of range")
+    if not (0 <= value <= upper):
+        raise ValueError(f"{what} out of range")
 
 
 def _prob(value: float, what: str, upper: float) -> None:
-    _require(math.isfinite(value) and 0.0 <= value <= upper, f"{what} out of range")
+    if not (math.isfinite(value) and 0.0 <= value <= upper):
+        raise ValueError(f"{what} out of range")
+
+
+def _mask_key(value: bytes) -> None:
+    _require(len(value) in (0, KEY_LEN), "mask_key must be empty (plaintext mode) or 32 bytes")
+
+
+def _indices(value: tuple[int, ...], what: str, min_items: int = 0) -> None:
+    """Committee indices: sorted, distinct, each in 0..MAX_K-1."""
+    ok = list(value) == sorted(set(value)) and all(0 <= i < MAX_K for i in value)
+    if not (ok and min_items <= len(value) <= MAX_K):
+        raise ValueError(f"{what}: sorted distinct indices")
+
+
+def _blobs(value: tuple[bytes, ...], size: int, what: str) -> None:
+    if len(value) > MAX_K:
+        raise ValueError(f"{what}: too many items")
+    if any(len(b) != size for b in value):
+        raise ValueError(f"{what}: items must be {size} bytes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,6 +203,9 @@ class QueryRequest:
     reply_key: bytes
     epsilon: float = 0.0
     delta: float = 0.0
+    # True: the answer is securely aggregated (the default, and all a member allows
+    # unless its owner opts in to plaintext sums).
+    secagg: bool = True
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -164,7 +215,8 @@ class QueryRequest:
         _require(2 <= self.n_classes <= MAX_CLASSES, "n_classes out of range")
         _require(1 <= self.input_dim <= MAX_INPUT_DIM, "input_dim out of range")
         _require(1 <= self.vector_len <= MAX_VECTOR_LEN, "vector_len out of range")
-        _require(1 <= self.k <= MAX_K, f"k must be 1..{MAX_K}")
+        if not (1 <= self.k <= MAX_K):
+            raise ValueError(f"k must be 1..{MAX_K}")
         _nonneg(self.max_price_wei, "max_price_wei", MAX_PRICE_WEI)
         _nonneg(self.deadline_ms, "deadline_ms")
         _require(len(self.reply_key) == KEY_LEN, "reply_key must be 32 bytes")
@@ -183,6 +235,8 @@ class Offer:
     price_wei: int
     box_key: bytes
     expected_latency_ms: int
+    # this query's X25519 mask public key (secure aggregation); empty in plaintext mode
+    mask_key: bytes = b""
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -190,17 +244,20 @@ class Offer:
         _nonneg(self.price_wei, "price_wei", MAX_PRICE_WEI)
         _require(len(self.box_key) == KEY_LEN, "box_key must be 32 bytes")
         _nonneg(self.expected_latency_ms, "expected_latency_ms", 3_600_000)
+        _mask_key(self.mask_key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
     peer_id: str
     box_key: bytes
+    mask_key: bytes = b""
 
     def __post_init__(self) -> None:
         _typed(self)
         _require(_is_peer_id(self.peer_id), "bad peer id")
         _require(len(self.box_key) == KEY_LEN, "box_key must be 32 bytes")
+        _mask_key(self.mask_key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,8 +280,11 @@ class Accept:
         _typed(self)
         _query_id(self.query_id)
         n = len(self.committee)
-        _require(1 <= n <= MAX_K, f"committee size must be 1..{MAX_K}")
+        if not (1 <= n <= MAX_K):
+            raise ValueError(f"committee size must be 1..{MAX_K}")
         _require(len({m.peer_id for m in self.committee}) == n, "duplicate committee member")
+        masked = {len(m.mask_key) > 0 for m in self.committee}
+        _require(len(masked) == 1, "mask keys for every member or for none")
         _require(1 <= self.threshold <= n, "threshold must be 1..committee size")
         _nonneg(self.price_wei, "price_wei", MAX_PRICE_WEI)
         _nonneg(self.answer_deadline_ms, "answer_deadline_ms")
@@ -250,15 +310,59 @@ class Decline:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeyShares:
+    """Member -> querier, right after Accept: Shamir shares of my self-mask seed and
+    mask key, one ciphertext per other committee member (committee order, me
+    skipped), each sealed to that member; and my commitment to the seed."""
+
+    KIND: ClassVar[str] = "key_shares"
+    MAX_ENVELOPE: ClassVar[int] = MAX_K * (CIPHERTEXT_LEN + 3) + 1024
+
+    query_id: bytes
+    ciphertexts: tuple[bytes, ...]
+    commitment: bytes
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+        _require(len(self.ciphertexts) < MAX_K, "too many ciphertexts")
+        _blobs(self.ciphertexts, CIPHERTEXT_LEN, "ciphertexts")
+        _require(len(self.commitment) == COMMIT_LEN, "commitment must be 32 bytes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRelay:
+    """Querier -> member: U1 (the members whose key shares arrived, as committee
+    indices) and the ciphertexts they addressed to this member (U1 order, the
+    recipient skipped)."""
+
+    KIND: ClassVar[str] = "key_relay"
+    MAX_ENVELOPE: ClassVar[int] = MAX_K * (CIPHERTEXT_LEN + 5) + 1024
+
+    query_id: bytes
+    u1: tuple[int, ...]
+    ciphertexts: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+        _indices(self.u1, "u1", min_items=1)
+        _blobs(self.ciphertexts, CIPHERTEXT_LEN, "ciphertexts")
+        _require(len(self.ciphertexts) == len(self.u1) - 1, "one ciphertext per other member")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Share:
-    """Member -> querier: my (fixed-point, later masked) contribution vector."""
+    """Member -> querier: my contribution vector (fixed point; masked under secure
+    aggregation, with one view tag per other member of U1, in U1 order)."""
 
     KIND: ClassVar[str] = "share"
-    MAX_ENVELOPE: ClassVar[int] = 8 * MAX_VECTOR_LEN + 1024
+    MAX_ENVELOPE: ClassVar[int] = 8 * MAX_VECTOR_LEN + MAX_K * (TAG_LEN + 2) + 1024
 
     query_id: bytes
     vector: bytes
     commitment: bytes
+    view_tags: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -266,6 +370,54 @@ class Share:
         _require(0 < len(self.vector) <= 8 * MAX_VECTOR_LEN, "vector size out of range")
         _require(len(self.vector) % 8 == 0, "vector must be whole 64-bit words")
         _require(len(self.commitment) in (0, DIGEST_LEN), "commitment must be empty or 32 bytes")
+        _require(len(self.view_tags) < MAX_K, "too many view tags")
+        _blobs(self.view_tags, TAG_LEN, "view_tags")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unmask:
+    """Querier -> each survivor: reveal your shares of the self-mask seeds of
+    ``survivors`` and of the mask keys of ``dropped`` (disjoint; together U1).
+    ``view_tags``: each other survivor's view tag for the recipient, in
+    ``survivors`` order."""
+
+    KIND: ClassVar[str] = "unmask"
+    MAX_ENVELOPE: ClassVar[int] = MAX_K * (TAG_LEN + 4) + 1024
+
+    query_id: bytes
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    view_tags: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+        _indices(self.survivors, "survivors", min_items=1)
+        _indices(self.dropped, "dropped")
+        _require(not set(self.survivors) & set(self.dropped), "survivor and dropped at once")
+        _require(len(self.survivors) + len(self.dropped) <= MAX_K, "too many members")
+        _blobs(self.view_tags, TAG_LEN, "view_tags")
+        _require(len(self.view_tags) == len(self.survivors) - 1, "one tag per other survivor")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reveal:
+    """Survivor -> querier: the shares an Unmask asked for, in its order."""
+
+    KIND: ClassVar[str] = "reveal"
+    MAX_ENVELOPE: ClassVar[int] = MAX_K * (SHARE_LEN + 2) + 1024
+
+    query_id: bytes
+    seed_shares: tuple[bytes, ...]
+    key_shares: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+        _blobs(self.seed_shares, SHARE_LEN, "seed_shares")
+        _blobs(self.key_shares, SHARE_LEN, "key_shares")
+        _require(len(self.seed_shares) >= 1, "a survivor reveals at least its own seed share")
+        _require(len(self.seed_shares) + len(self.key_shares) <= MAX_K, "too many shares")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -308,10 +460,36 @@ class Result:
         _name(self.reason, "reason")
 
 
-Message = Announce | QueryRequest | Offer | Accept | Decline | Share | Receipt | Result
+Message = (
+    Announce
+    | QueryRequest
+    | Offer
+    | Accept
+    | Decline
+    | KeyShares
+    | KeyRelay
+    | Share
+    | Unmask
+    | Reveal
+    | Receipt
+    | Result
+)
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
-    for cls in (Announce, QueryRequest, Offer, Accept, Decline, Share, Receipt, Result)
+    for cls in (
+        Announce,
+        QueryRequest,
+        Offer,
+        Accept,
+        Decline,
+        KeyShares,
+        KeyRelay,
+        Share,
+        Unmask,
+        Reveal,
+        Receipt,
+        Result,
+    )
 }
 MAX_ENVELOPE_BYTES = max(cls.MAX_ENVELOPE for cls in MESSAGE_TYPES.values())

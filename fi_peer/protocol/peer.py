@@ -9,11 +9,16 @@ raises for anything a peer sent: each rejection is counted under
 
 Channels are part of the protocol: Announce and QueryRequest arrive only by
 gossip, every other kind only as a direct message; anything else is rejected.
+
+Privacy: the responder gets the owner's PrivacyGuard (budget and DP policy,
+see guard.py) and a noise generator; the querier takes its noise scale from
+the caller of :meth:`submit_query` (the core does not know the aggregation
+rules' sensitivities: fi_peer.models sits above it).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -23,26 +28,36 @@ import numpy.typing as npt
 
 from fi_peer.errors import LocalProtocolError, RemoteProtocolError, UnexpectedMessage
 from fi_peer.identity import Identity
-from fi_peer.protocol.effects import Effect, Evaluate, Publish, QueryDone, SetTimer
+from fi_peer.protocol.effects import Charge, Effect, Evaluate, Publish, QueryDone, SetTimer
 from fi_peer.protocol.envelope import Opened, Verifier, seal
+from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.membership import MEMBERSHIP_TIMER, Membership
 from fi_peer.protocol.messages import (
     QUERY_ID_LEN,
     Accept,
     Announce,
     Decline,
+    KeyRelay,
+    KeyShares,
     ModelCard,
     Offer,
     QueryRequest,
     Receipt,
     Result,
+    Reveal,
     Share,
+    Unmask,
 )
 from fi_peer.protocol.querier import QuerierConfig, QuerySession
 from fi_peer.protocol.responder import Responder, ResponderConfig
 from fi_peer.protocol.topics import peers_topic, query_topic
 
 GOSSIP_KINDS = frozenset({Announce.KIND, QueryRequest.KIND})
+# Decline reasons are chosen by peers: count at most this many distinct ones.
+MAX_DECLINE_REASONS = 64
+# Recently finished queries remembered so that their late Reveals (the sum is
+# rebuilt from the first t) are counted as ``late.reveal``, not as rejections.
+MAX_RECENT_QUERIES = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +79,8 @@ class PeerCore:
         config: CoreConfig | None = None,
         addresses: tuple[str, ...] = (),
         eth_address: str = "",
+        guard: PrivacyGuard | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self.identity = identity
         self.card = card
@@ -76,9 +93,18 @@ class PeerCore:
             interval_ms=self.config.announce_interval_ms,
             missed_beats=self.config.missed_beats,
         )
-        self.responder = Responder(identity, card, self.config.responder)
-        self.queries: dict[bytes, QuerySession] = {}
         self.metrics: Counter[str] = Counter()
+        self.responder = Responder(
+            identity,
+            card,
+            self.config.responder,
+            guard=guard,
+            rng=rng,
+            box_key_of=self._announced_box_key,
+            metrics=self.metrics,
+        )
+        self.queries: dict[bytes, QuerySession] = {}
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
         self._seq = 0
 
     # -- topics ---------------------------------------------------------------
@@ -93,6 +119,11 @@ class PeerCore:
     @property
     def query_topic(self) -> str:
         return query_topic(self.config.net, self.card.task)
+
+    def _announced_box_key(self, peer_id: str) -> bytes | None:
+        """The X25519 key ``peer_id`` announced itself (signed), if we heard it."""
+        info = self.membership.get(peer_id)
+        return None if info is None else info.announce.box_key
 
     def topics(self) -> tuple[str, ...]:
         """Topics the driver must subscribe to before calling :meth:`start`."""
@@ -135,6 +166,9 @@ class PeerCore:
         except RemoteProtocolError as exc:
             self.metrics[f"rejected.{exc.reason}"] += 1
             return []
+        if effects is None:
+            self.metrics[f"late.{opened.kind}"] += 1
+            return []
         self.metrics[f"accepted.{opened.kind}"] += 1
         return effects
 
@@ -144,7 +178,8 @@ class PeerCore:
             raise UnexpectedMessage("no open query with this id")
         return session
 
-    def _dispatch(self, opened: Opened, now_ms: int) -> list[Effect]:
+    def _dispatch(self, opened: Opened, now_ms: int) -> list[Effect] | None:
+        """The handler's effects; None for a message that came after its query ended."""
         msg, sender = opened.message, opened.sender
         match msg:
             case Announce():
@@ -155,22 +190,45 @@ class PeerCore:
             case Offer():
                 return self._reap(self._query(msg.query_id).on_offer(sender, msg, now_ms))
             case Decline():
-                return self._reap(self._query(msg.query_id).on_decline(sender, msg, now_ms))
+                effects = self._query(msg.query_id).on_decline(sender, msg, now_ms)
+                self._count_decline(msg.reason)
+                return self._reap(effects)
+            case KeyShares():
+                return self._reap(self._query(msg.query_id).on_key_shares(sender, msg, now_ms))
             case Share():
                 return self._reap(self._query(msg.query_id).on_share(sender, msg, now_ms))
+            case Reveal():
+                if msg.query_id in self._recent and msg.query_id not in self.queries:
+                    return None
+                return self._reap(self._query(msg.query_id).on_reveal(sender, msg, now_ms))
             case Accept():
                 return self.responder.on_accept(sender, msg, now_ms)
+            case KeyRelay():
+                return self.responder.on_key_relay(sender, msg, now_ms)
+            case Unmask():
+                return self.responder.on_unmask(sender, msg, now_ms)
             case Receipt():
                 return self.responder.on_receipt(sender, msg, now_ms)
             case Result():
                 return self.responder.on_result(sender, msg, now_ms)
         raise UnexpectedMessage(f"no handler for {opened.kind}")  # pragma: no cover
 
+    def _count_decline(self, reason: str) -> None:
+        key = f"declined.{reason}"
+        if key not in self.metrics:
+            distinct = sum(1 for k in self.metrics if k.startswith("declined."))
+            if distinct >= MAX_DECLINE_REASONS:
+                key = "declined.other"
+        self.metrics[key] += 1
+
     def _reap(self, effects: list[Effect]) -> list[Effect]:
         """Drop finished querier sessions once their QueryDone is emitted."""
         for effect in effects:
             if isinstance(effect, QueryDone):
                 self.queries.pop(effect.outcome.query_id, None)
+                self._recent[effect.outcome.query_id] = None
+                if len(self._recent) > MAX_RECENT_QUERIES:
+                    self._recent.popitem(last=False)
                 self.metrics["queries.ok" if effect.outcome.ok else "queries.failed"] += 1
         return effects
 
@@ -189,6 +247,10 @@ class PeerCore:
             return self._reap(session.on_offers_timer(now_ms))
         if kind == "q-deadline":
             return self._reap(session.on_deadline(now_ms))
+        if kind == "q-keys":
+            return self._reap(session.on_keys_timer(now_ms))
+        if kind == "q-shares":
+            return self._reap(session.on_shares_timer(now_ms))
         raise LocalProtocolError(f"unknown timer {key!r}")
 
     # -- local requests ---------------------------------------------------------
@@ -203,8 +265,18 @@ class PeerCore:
         timeout_ms: int,
         now_ms: int,
         query_id: bytes | None = None,
+        epsilon: float = 0.0,
+        delta: float = 0.0,
+        noise_sigma: float = 0.0,
+        secagg: bool | None = None,
     ) -> tuple[bytes, list[Effect]]:
-        """Start a query; its end arrives later as a QueryDone effect."""
+        """Start a query; its end arrives later as a QueryDone effect.
+
+        ``epsilon``/``delta`` state the privacy each member spends (0: no DP);
+        ``noise_sigma`` is the Gaussian noise std the sum must carry for it, which
+        the caller calibrates (it knows the rule's sensitivity); members check it
+        against their own policy. ``secagg`` overrides the configured mode.
+        """
         query_id = query_id or nacl.utils.random(QUERY_ID_LEN)
         if query_id in self.queries:
             raise LocalProtocolError("query id already in use")
@@ -221,9 +293,16 @@ class PeerCore:
                 max_price_wei=max_price_wei,
                 deadline_ms=now_ms + timeout_ms,
                 reply_key=self.identity.box_public_key,
+                epsilon=epsilon,
+                delta=delta,
+                secagg=self.config.querier.secure_aggregation if secagg is None else secagg,
             )
         except ValueError as exc:
             raise LocalProtocolError(f"invalid query: {exc}") from exc
+        if not (np.isfinite(noise_sigma) and 0 <= noise_sigma <= 1e9):
+            raise LocalProtocolError("noise_sigma must be finite and >= 0")
+        if epsilon > 0 and noise_sigma == 0:
+            raise LocalProtocolError("a query with epsilon > 0 needs noise (noise_sigma > 0)")
         if not np.all(np.isfinite(vec)):
             raise LocalProtocolError("query input has NaN or infinite values")
         if k < self.config.querier.min_committee:
@@ -231,7 +310,9 @@ class PeerCore:
                 f"k={k} is below the minimum committee of {self.config.querier.min_committee}: "
                 "a smaller committee would reveal single members' answers"
             )
-        session = QuerySession(self.identity, request, vec, self.config.querier, now_ms)
+        session = QuerySession(
+            self.identity, request, vec, self.config.querier, now_ms, noise_sigma=noise_sigma
+        )
         self.queries[query_id] = session
         self.metrics["queries.submitted"] += 1
         effects: list[Effect] = [Publish(self.query_topic, seal(self.identity, request, now_ms))]
@@ -244,6 +325,13 @@ class PeerCore:
             return [] if session is None else self._reap(session.on_local(vector, now_ms))
         key = (request.querier, request.query_id)
         return self.responder.on_evaluated(key, vector, now_ms)
+
+    def charged(self, charge: Charge, refusal: str | None, now_ms: int) -> list[Effect]:
+        """The driver's answer to a Charge effect: None once the cost is durably
+        recorded, else why it was not (the member then declines)."""
+        if refusal is not None:
+            self.metrics["charge.refused"] += 1
+        return self.responder.on_charged((charge.querier, charge.request.query_id), refusal, now_ms)
 
     def evaluation_failed(self, request: Evaluate, now_ms: int) -> list[Effect]:
         """The driver could not evaluate the model for an Evaluate effect."""

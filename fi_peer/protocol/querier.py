@@ -2,10 +2,16 @@
 
 Theory of operation::
 
-    OFFERS --enough_offers / offer_window_end (>= min_committee)--> ANSWERS
-    OFFERS --offer_window_end (< min_committee)--------------------> FAILED
-    ANSWERS --all_answered / deadline (>= threshold shares)--------> DONE
-    ANSWERS --deadline (< threshold) / too_many_declines----------> FAILED
+    OFFERS --committee chosen, secagg----------------------------> KEYS
+    OFFERS --committee chosen, plaintext-------------------------> ANSWERS
+    OFFERS --offer window ends with < min_committee offers-------> FAILED
+    KEYS --all key shares / keys timer with >= t (relay U1)-----> ANSWERS
+    KEYS --keys timer with < t / too many declines--------------> FAILED
+    ANSWERS --all shares / deadline, plaintext (>= t)-----------> DONE
+    ANSWERS --all masked shares / shares timer, secagg (>= t)---> UNMASK
+    ANSWERS --< t shares / too many declines--------------------> FAILED
+    UNMASK --t reveals (sum rebuilt; own vector in or deadline)-> DONE
+    UNMASK --deadline with < t reveals / refusals / bad reveal---> FAILED
 
 The querier gossips a QueryRequest (no input) and takes the first ``k`` Offers
 at or below its price cap; if the offer window (at most half the time budget)
@@ -13,11 +19,23 @@ closes first, it takes those it has, provided there are ``min_committee``. Late
 offers are told ``not_selected`` so the peer frees the capacity it reserved.
 Choosing by reputation comes with the incentives work; today the price cap is
 the filter and arrival order (the fastest peers) the choice. Each member gets
-an Accept with the committee, the threshold and the input sealed to it alone.
-Each Share is acknowledged with a Receipt. The result is the sum of the
-delivered contributions (plus the querier's own when ``include_self``); with
-fewer than ``threshold`` shares at the deadline the query fails with a reason,
-so no query can hang.
+an Accept with the committee (long-term and per-query mask keys), the
+threshold ``t`` (a strict majority), the noise scale and the input sealed to
+it alone. Each Share is acknowledged with a Receipt.
+
+Secure aggregation (the default; fi_peer.privacy.secagg): the members' key
+shares arrive while their models run; when all are in, or at the keys timer
+with at least ``t``, the querier relays to each member of U1 the ciphertexts
+addressed to it (members left out are told ``excluded``). Masked shares are
+collected until all of U1 answered or the shares timer; then each survivor
+is asked to Unmask and the sum is rebuilt from the first ``t`` Reveals. The
+time budget is split so every round has its own timer and all end by the
+deadline: keys at most ``keys_window_ms`` (and half of what precedes the
+unmask reserve), unmask at most ``unmask_window_ms`` (and a quarter of the
+time left at Accept). With fewer than ``t`` at any round the query fails with
+a reason, so no query can hang. The result is the sum of the contributions
+(plus the querier's own vector when ``include_self``, added in the clear: it
+is the querier's own).
 """
 
 from __future__ import annotations
@@ -25,51 +43,76 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
 
 from fi_peer.errors import LocalProtocolError, UnexpectedMessage
 from fi_peer.identity import Identity
+from fi_peer.privacy import secagg
 from fi_peer.protocol import fixedpoint
 from fi_peer.protocol.effects import Effect, Evaluate, QueryDone, QueryOutcome, Send, SetTimer
 from fi_peer.protocol.envelope import seal
 from fi_peer.protocol.messages import (
     Accept,
     Decline,
+    KeyRelay,
+    KeyShares,
     Member,
+    Message,
     Offer,
     QueryRequest,
     Receipt,
     Result,
+    Reveal,
     Share,
+    Unmask,
 )
 from fi_peer.protocol.sealing import seal_input
 
 
+@lru_cache(maxsize=4096)
+def _usable_box_key(key: bytes) -> bool:
+    """Long-term keys come back query after query: check each once."""
+    return secagg.usable_public_key(key)
+
+
 class QState(enum.Enum):
     OFFERS = "offers"
+    KEYS = "keys"
     ANSWERS = "answers"
+    UNMASK = "unmask"
     DONE = "done"
     FAILED = "failed"
 
 
 class QEvent(enum.Enum):
-    ENOUGH_OFFERS = "enough_offers"
-    OFFER_WINDOW_END = "offer_window_end"
+    COMMITTEE_PLAIN = "committee_plain"
+    COMMITTEE_SECAGG = "committee_secagg"
     TOO_FEW_OFFERS = "too_few_offers"
+    KEYS_IN = "keys_in"
+    TOO_FEW_KEYS = "too_few_keys"
     ALL_ANSWERED = "all_answered"
     DEADLINE = "deadline"
+    SHARES_IN = "shares_in"
     TOO_FEW_ANSWERS = "too_few_answers"
+    UNMASKED = "unmasked"
+    UNMASK_FAILED = "unmask_failed"
 
 
 _TRANSITIONS: dict[tuple[QState, QEvent], QState] = {
-    (QState.OFFERS, QEvent.ENOUGH_OFFERS): QState.ANSWERS,
-    (QState.OFFERS, QEvent.OFFER_WINDOW_END): QState.ANSWERS,
+    (QState.OFFERS, QEvent.COMMITTEE_PLAIN): QState.ANSWERS,
+    (QState.OFFERS, QEvent.COMMITTEE_SECAGG): QState.KEYS,
     (QState.OFFERS, QEvent.TOO_FEW_OFFERS): QState.FAILED,
+    (QState.KEYS, QEvent.KEYS_IN): QState.ANSWERS,
+    (QState.KEYS, QEvent.TOO_FEW_KEYS): QState.FAILED,
     (QState.ANSWERS, QEvent.ALL_ANSWERED): QState.DONE,
     (QState.ANSWERS, QEvent.DEADLINE): QState.DONE,
+    (QState.ANSWERS, QEvent.SHARES_IN): QState.UNMASK,
     (QState.ANSWERS, QEvent.TOO_FEW_ANSWERS): QState.FAILED,
+    (QState.UNMASK, QEvent.UNMASKED): QState.DONE,
+    (QState.UNMASK, QEvent.UNMASK_FAILED): QState.FAILED,
 }
 
 
@@ -78,6 +121,12 @@ class QuerierConfig:
     offer_window_ms: int = 1000
     min_committee: int = 2
     include_self: bool = True
+    # Secure aggregation (members refuse plaintext queries unless their owner opts in).
+    secure_aggregation: bool = True
+    # Longest wait for the last key shares once the committee is chosen.
+    keys_window_ms: int = 1000
+    # Time kept for the unmask round at the end of the time budget.
+    unmask_window_ms: int = 1000
 
     def threshold(self, committee_size: int) -> int:
         """Shares needed for a result: a strict majority of the committee."""
@@ -92,6 +141,8 @@ class QuerySession:
         x: npt.NDArray[np.float32],
         config: QuerierConfig,
         now_ms: int,
+        *,
+        noise_sigma: float = 0.0,
     ) -> None:
         if x.shape != (request.input_dim,):
             raise LocalProtocolError(f"input must have shape ({request.input_dim},)")
@@ -99,23 +150,41 @@ class QuerySession:
         self.request = request
         self.x = x
         self.config = config
+        self.noise_sigma = noise_sigma
         self.started_ms = now_ms
         self.state = QState.OFFERS
         self.offers: dict[str, Offer] = {}
         self.committee: tuple[Member, ...] = ()
+        self.index: dict[str, int] = {}
         self.threshold = 0
         self.shares: dict[str, fixedpoint.Words] = {}
-        self.declined: set[str] = set()
+        self.declined: set[str] = set()  # gave up before answering (Decline)
+        self.refused: set[str] = set()  # refused to reveal (secagg)
+        self.notified: set[str] = set()
         self.local: fixedpoint.Words | None = None
         self.local_pending = config.include_self
+        self.aggregator: secagg.Aggregator | None = None
+        self.masked_total: fixedpoint.Words | None = None
 
     @property
     def query_id(self) -> bytes:
         return self.request.query_id
 
     @property
+    def secagg(self) -> bool:
+        return self.request.secagg
+
+    @property
     def offers_timer(self) -> tuple[str, bytes]:
         return ("q-offers", self.query_id)
+
+    @property
+    def keys_timer(self) -> tuple[str, bytes]:
+        return ("q-keys", self.query_id)
+
+    @property
+    def shares_timer(self) -> tuple[str, bytes]:
+        return ("q-shares", self.query_id)
 
     @property
     def deadline_timer(self) -> tuple[str, bytes]:
@@ -130,6 +199,9 @@ class QuerySession:
             self.state = _TRANSITIONS[(self.state, event)]
         except KeyError:  # pragma: no cover - a bug in this module, not input
             raise LocalProtocolError(f"no transition from {self.state} on {event}") from None
+
+    def _send(self, peer: str, message: Message, now_ms: int) -> Send:
+        return Send(peer, seal(self.identity, message, now_ms))
 
     def start(self) -> list[Effect]:
         # Leave at least half of the time budget for answering.
@@ -157,12 +229,17 @@ class QuerySession:
             raise UnexpectedMessage("second offer from one peer")
         if offer.price_wei > self.request.max_price_wei:
             raise UnexpectedMessage("offer above the maximum price")
+        if (len(offer.mask_key) > 0) != self.secagg:
+            raise UnexpectedMessage("offer without a mask key for secure aggregation (or one)")
+        if not _usable_box_key(offer.box_key) or (
+            self.secagg and not secagg.usable_public_key(offer.mask_key)
+        ):
+            raise UnexpectedMessage("offer with a key X25519 cannot use")
         if self.state is not QState.OFFERS:  # committee already chosen
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
-            return [Send(sender, seal(self.identity, late, now_ms))]
+            return [self._send(sender, late, now_ms)]
         self.offers[sender] = offer
         if len(self.offers) >= self.request.k:
-            self._goto(QEvent.ENOUGH_OFFERS)
             return self._accept(now_ms)
         return []
 
@@ -172,14 +249,35 @@ class QuerySession:
         if len(self.offers) < self.config.min_committee:
             self._goto(QEvent.TOO_FEW_OFFERS)
             return self._fail(f"too_few_offers_{len(self.offers)}", now_ms)
-        self._goto(QEvent.OFFER_WINDOW_END)
         return self._accept(now_ms)
 
     def _accept(self, now_ms: int) -> list[Effect]:
         chosen = list(self.offers.items())  # never more than k: see on_offer
-        self.committee = tuple(Member(peer_id=p, box_key=o.box_key) for p, o in chosen)
+        self.committee = tuple(
+            Member(peer_id=p, box_key=o.box_key, mask_key=o.mask_key) for p, o in chosen
+        )
+        self.index = {m.peer_id: i for i, m in enumerate(self.committee)}
         self.threshold = self.config.threshold(len(self.committee))
         effects: list[Effect] = []
+        if self.secagg:
+            self._goto(QEvent.COMMITTEE_SECAGG)
+            self.aggregator = secagg.Aggregator(
+                context=secagg.session_context(self.identity.peer_id, self.query_id),
+                committee=[
+                    secagg.Participant(m.peer_id, m.box_key, m.mask_key) for m in self.committee
+                ],
+                threshold=self.threshold,
+            )
+            deadline = self.request.deadline_ms
+            unmask_window = min(self.config.unmask_window_ms, (deadline - now_ms) // 4)
+            shares_end = deadline - unmask_window
+            keys_end = now_ms + min(self.config.keys_window_ms, (shares_end - now_ms) // 2)
+            effects += [
+                SetTimer(self.keys_timer, keys_end),
+                SetTimer(self.shares_timer, shares_end),
+            ]
+        else:
+            self._goto(QEvent.COMMITTEE_PLAIN)
         for peer, offer in chosen:
             accept = Accept(
                 query_id=self.query_id,
@@ -188,26 +286,85 @@ class QuerySession:
                 price_wei=offer.price_wei,
                 answer_deadline_ms=self.request.deadline_ms,
                 escrow_ref=b"",
-                noise_sigma=0.0,
+                noise_sigma=self.noise_sigma,
                 sealed_input=seal_input(
                     self.identity.box_key, offer.box_key, self.query_id, self.x
                 ),
             )
-            effects.append(Send(peer, seal(self.identity, accept, now_ms)))
+            effects.append(self._send(peer, accept, now_ms))
+        return effects
+
+    # -- key shares (secagg) ---------------------------------------------------
+    def _member(self, sender: str) -> bool:
+        return sender in self.index
+
+    def on_key_shares(self, sender: str, shares: KeyShares, now_ms: int) -> list[Effect]:
+        agg = self.aggregator
+        if self.state is not QState.KEYS or agg is None or not self._member(sender):
+            raise UnexpectedMessage("key shares outside the key round or from a non-member")
+        if sender in self.declined:
+            raise UnexpectedMessage("key shares from a member that declined")
+        try:
+            agg.add_key_shares(self.index[sender], shares.ciphertexts, shares.commitment)
+        except secagg.SecAggError as exc:
+            raise UnexpectedMessage(f"bad key shares: {exc}") from exc
+        return self._relay(now_ms) if self._all_keyed() else []
+
+    def _keyed(self) -> set[str]:
+        assert self.aggregator is not None
+        return {self.committee[i].peer_id for i in self.aggregator.keyed}
+
+    def _all_keyed(self) -> bool:
+        return len((self._keyed() | self.declined) & set(self.index)) == len(self.committee)
+
+    def on_keys_timer(self, now_ms: int) -> list[Effect]:
+        if self.state is not QState.KEYS:
+            return []
+        return self._relay(now_ms)
+
+    def _relay(self, now_ms: int) -> list[Effect]:
+        agg = self.aggregator
+        assert agg is not None
+        keyed = len(self._keyed() - self.declined)
+        if keyed < self.threshold:
+            self._goto(QEvent.TOO_FEW_KEYS)
+            return self._fail(f"too_few_key_shares_{keyed}_of_{self.threshold}", now_ms)
+        u1 = agg.fix_u1(exclude=[self.index[p] for p in self.declined])
+        self._goto(QEvent.KEYS_IN)
+        effects: list[Effect] = []
+        for i in u1:
+            relay = KeyRelay(query_id=self.query_id, u1=u1, ciphertexts=agg.relay_for(i))
+            effects.append(self._send(self.committee[i].peer_id, relay, now_ms))
+        excluded = Result(query_id=self.query_id, ok=False, reason="excluded")
+        for i, m in enumerate(self.committee):
+            if i not in u1 and m.peer_id not in self.declined:
+                self.notified.add(m.peer_id)
+                effects.append(self._send(m.peer_id, excluded, now_ms))
         return effects
 
     # -- answers --------------------------------------------------------------
-    def _member(self, sender: str) -> bool:
-        return any(m.peer_id == sender for m in self.committee)
+    def _expected(self) -> set[str]:
+        """Members whose answer we wait for (U1 under secagg, else the committee)."""
+        if self.aggregator is not None and self.aggregator.u1 is not None:
+            return {self.committee[i].peer_id for i in self.aggregator.u1}
+        return set(self.index)
 
     def on_share(self, sender: str, share: Share, now_ms: int) -> list[Effect]:
-        if self.state is not QState.ANSWERS or not self._member(sender):
-            raise UnexpectedMessage("share from a peer outside the committee")
+        if self.state is not QState.ANSWERS or sender not in self._expected():
+            raise UnexpectedMessage("share from a peer outside the committee (or U1)")
         if sender in self.shares or sender in self.declined:
             raise UnexpectedMessage("second answer from one member")
         if len(share.vector) != 8 * self.request.vector_len:
             raise UnexpectedMessage("share has the wrong vector length")
-        self.shares[sender] = fixedpoint.from_bytes(share.vector)
+        words = fixedpoint.from_bytes(share.vector)
+        if self.aggregator is not None:
+            try:
+                self.aggregator.add_masked(self.index[sender], words, share.view_tags)
+            except secagg.SecAggError as exc:
+                raise UnexpectedMessage(f"bad masked share: {exc}") from exc
+        elif share.view_tags:
+            raise UnexpectedMessage("view tags on a plaintext share")
+        self.shares[sender] = words
         price = self.offers[sender].price_wei
         receipt = Receipt(
             query_id=self.query_id,
@@ -215,21 +372,33 @@ class QuerySession:
             share_digest=hashlib.sha256(share.vector).digest(),
             price_wei=price,
         )
-        return [Send(sender, seal(self.identity, receipt, now_ms)), *self._maybe_finish(now_ms)]
+        return [self._send(sender, receipt, now_ms), *self._maybe_advance(now_ms)]
 
     def on_decline(self, sender: str, decline: Decline, now_ms: int) -> list[Effect]:
-        if self.state is QState.OFFERS and sender in self.offers:
-            del self.offers[sender]
+        if self.state is QState.OFFERS:
+            # Withdrawn offers, or peers refusing to offer (budget, policy): a
+            # counted reason (PeerCore's ``declined.<reason>``), nothing more.
+            self.offers.pop(sender, None)
             return []
-        if self.state is not QState.ANSWERS or not self._member(sender):
+        if not self._member(sender):
             raise UnexpectedMessage("decline from a peer outside the committee")
+        if self.state is QState.UNMASK:
+            return self._on_refusal(sender, now_ms)
+        if self.state not in (QState.KEYS, QState.ANSWERS) or sender not in self._expected():
+            raise UnexpectedMessage("decline not expected now")
         if sender in self.shares or sender in self.declined:
             raise UnexpectedMessage("second answer from one member")
         self.declined.add(sender)
-        if len(self.committee) - len(self.declined) < self.threshold:
-            self._goto(QEvent.TOO_FEW_ANSWERS)
+        left = len(self._expected() - self.declined)
+        if left < self.threshold:
+            if self.state is QState.KEYS:
+                self._goto(QEvent.TOO_FEW_KEYS)
+            else:
+                self._goto(QEvent.TOO_FEW_ANSWERS)
             return self._fail(f"declined_{len(self.declined)}_of_{len(self.committee)}", now_ms)
-        return self._maybe_finish(now_ms)
+        if self.state is QState.KEYS:
+            return self._relay(now_ms) if self._all_keyed() else []
+        return self._maybe_advance(now_ms)
 
     def on_local(self, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
         if not self.local_pending:
@@ -244,43 +413,122 @@ class QuerySession:
         if self.finished:
             return []
         self.local = words
-        return self._maybe_finish(now_ms)
+        return self._maybe_advance(now_ms)
 
     def on_local_failed(self, now_ms: int) -> list[Effect]:
         """The querier's own model could not answer: go on without it."""
         self.local_pending = False
-        return [] if self.finished else self._maybe_finish(now_ms)
+        return [] if self.finished else self._maybe_advance(now_ms)
 
-    def _maybe_finish(self, now_ms: int) -> list[Effect]:
-        answered = len(self.shares) + len(self.declined)
-        complete = answered == len(self.committee) and not self.local_pending
-        if self.state is QState.ANSWERS and complete:
-            self._goto(QEvent.ALL_ANSWERED)
+    def _maybe_advance(self, now_ms: int) -> list[Effect]:
+        if self.state is QState.ANSWERS:
+            answered = self._expected() <= set(self.shares) | self.declined
+            if self.aggregator is not None:
+                return self._start_unmask(now_ms) if answered else []
+            if answered and not self.local_pending:
+                self._goto(QEvent.ALL_ANSWERED)
+                return self._succeed(now_ms)
+        if self.state is QState.UNMASK and self.masked_total is not None and not self.local_pending:
+            self._goto(QEvent.UNMASKED)
             return self._succeed(now_ms)
+        return []
+
+    def on_shares_timer(self, now_ms: int) -> list[Effect]:
+        if self.state is QState.ANSWERS and self.aggregator is not None:
+            return self._start_unmask(now_ms)
         return []
 
     def on_deadline(self, now_ms: int) -> list[Effect]:
         if self.state is QState.OFFERS:  # only if the offers timer could not run first
             self._goto(QEvent.TOO_FEW_OFFERS)
             return self._fail("deadline_before_committee", now_ms)
+        if self.state is QState.KEYS:  # only if the keys timer could not run first
+            self._goto(QEvent.TOO_FEW_KEYS)
+            return self._fail("deadline_before_key_shares", now_ms)
+        if self.state is QState.UNMASK:
+            if self.masked_total is not None:  # our own model is late: go without it
+                self._goto(QEvent.UNMASKED)
+                return self._succeed(now_ms)
+            assert self.aggregator is not None
+            self._goto(QEvent.UNMASK_FAILED)
+            revealed = len(self.aggregator.revealed)
+            return self._fail(f"too_few_reveals_{revealed}_of_{self.threshold}", now_ms)
         if self.state is not QState.ANSWERS:
             return []
-        if len(self.shares) < self.threshold:
+        if len(self.shares) < self.threshold or self.aggregator is not None:
             self._goto(QEvent.TOO_FEW_ANSWERS)
             return self._fail(f"too_few_shares_{len(self.shares)}_of_{self.threshold}", now_ms)
         self._goto(QEvent.DEADLINE)
         return self._succeed(now_ms)
 
+    # -- unmask (secagg) ---------------------------------------------------------
+    def _start_unmask(self, now_ms: int) -> list[Effect]:
+        agg = self.aggregator
+        assert agg is not None
+        if len(self.shares) < self.threshold:
+            self._goto(QEvent.TOO_FEW_ANSWERS)
+            return self._fail(f"too_few_shares_{len(self.shares)}_of_{self.threshold}", now_ms)
+        survivors, dropped = agg.fix_survivors()
+        self._goto(QEvent.SHARES_IN)
+        effects: list[Effect] = []
+        for s in survivors:
+            unmask = Unmask(
+                query_id=self.query_id,
+                survivors=survivors,
+                dropped=dropped,
+                view_tags=agg.tags_for(s),
+            )
+            effects.append(self._send(self.committee[s].peer_id, unmask, now_ms))
+        return effects
+
+    def on_reveal(self, sender: str, reveal: Reveal, now_ms: int) -> list[Effect]:
+        agg = self.aggregator
+        if self.state is not QState.UNMASK or agg is None or not self._member(sender):
+            raise UnexpectedMessage("reveal outside the unmask round or from a non-member")
+        if sender in self.refused:
+            raise UnexpectedMessage("reveal after a refusal")
+        try:
+            agg.add_reveal(self.index[sender], reveal.seed_shares, reveal.key_shares)
+        except secagg.SecAggError as exc:
+            raise UnexpectedMessage(f"bad reveal: {exc}") from exc
+        if self.masked_total is not None or not agg.ready:
+            return []
+        try:
+            self.masked_total = agg.unmask()
+        except secagg.SecAggError as exc:
+            self._goto(QEvent.UNMASK_FAILED)
+            return self._fail(exc.reason, now_ms)
+        return self._maybe_advance(now_ms)
+
+    def _on_refusal(self, sender: str, now_ms: int) -> list[Effect]:
+        agg = self.aggregator
+        assert agg is not None and agg.survivors is not None
+        index = self.index[sender]
+        if index not in agg.survivors or index in agg.revealed or sender in self.refused:
+            raise UnexpectedMessage("refusal from a member not asked to reveal")
+        self.refused.add(sender)
+        if self.masked_total is None and len(agg.survivors) - len(self.refused) < self.threshold:
+            self._goto(QEvent.UNMASK_FAILED)
+            return self._fail(f"reveals_refused_{len(self.refused)}", now_ms)
+        return []
+
     # -- endings --------------------------------------------------------------
     def _notify(self, result: Result, now_ms: int) -> list[Effect]:
         data = seal(self.identity, result, now_ms)
-        return [Send(m.peer_id, data) for m in self.committee]
+        return [Send(m.peer_id, data) for m in self.committee if m.peer_id not in self.notified]
 
     def _succeed(self, now_ms: int) -> list[Effect]:
-        contributors = tuple(sorted(self.shares))
         total = np.zeros(self.request.vector_len, dtype=np.uint64)
-        for words in self.shares.values():
-            total = fixedpoint.add(total, words)
+        if self.aggregator is not None:
+            assert self.masked_total is not None and self.aggregator.survivors is not None
+            contributors = tuple(
+                sorted(self.committee[i].peer_id for i in self.aggregator.survivors)
+            )
+            total = fixedpoint.add(total, self.masked_total)
+        else:
+            contributors = tuple(sorted(self.shares))
+            for words in self.shares.values():
+                total = fixedpoint.add(total, words)
         if self.local is not None:
             total = fixedpoint.add(total, self.local)
         outcome = QueryOutcome(

@@ -2,46 +2,86 @@
 
 Theory of operation::
 
-    (request seen) --offer--> OFFERED --accept--> EVALUATING --evaluated--> ANSWERED
-    OFFERED --expiry (no accept by the deadline)-----------------------------> gone
-    EVALUATING --evaluation failed--> (decline sent) -----------------------> gone
-    ANSWERED --result / expiry----------------------------------------------> gone
+    (request seen) --offer (fresh mask key)--> OFFERED
+    OFFERED --accept, plaintext--> EVALUATING --evaluated--> CHARGING
+    OFFERED --accept, secagg (key shares sent, model started)--> KEYED
+    KEYED --evaluated--> HAVE_VECTOR --relay--> CHARGING
+    KEYED --relay------> HAVE_RELAY --evaluated--> CHARGING
+    CHARGING --charged (share sent, masked under secagg)--> SHARED
+    SHARED --unmask (rules hold)--> REVEALED
+    any state --result / expiry / our decline (refusal, model error)--> gone
 
 A member offers on a QueryRequest it can serve (task, shape, rule, price,
-free capacity), and only then accepts an Accept from that same querier, in
-which it must be listed with its own key. It opens the input sealed to it,
-asks its driver to evaluate the model, and answers with a Share. Receipts for
-delivered shares are kept: they are what the member is paid against.
+free capacity, mode) and can afford (its PrivacyGuard; a refusal is a
+Decline with the reason), with a fresh per-query X25519 mask key. It then
+accepts only an Accept from that same querier that lists it with its own
+keys, whose other members' long-term keys match their signed announcements
+(when known), with a strict-majority threshold (``2t > n``, which secure
+aggregation's reveal rule relies on) and enough noise for its policy.
+
+Under secure aggregation (fi_peer.privacy.secagg) the member sends its
+Shamir key shares at once and runs the model meanwhile; the masked share
+leaves when both the model output (noise already added) and the querier's
+relay (U1) are in. In both modes the share waits in CHARGING until the
+driver has recorded its privacy cost (a ``Charge`` effect, see guard.py;
+without a guard the charge is a no-op and the share leaves at once). It reveals at most once,
+under the rules of secagg.MaskingMember.reveal; a refused unmask is answered
+with a Decline ``refused_<why>``. Receipts for delivered shares are kept:
+they are what the member is paid against.
+
+DP noise: the member adds N(0, sigma^2/t) per coordinate to its model output
+(fi_peer.privacy.dp.add_member_noise) before the fixed-point encoding and the
+masks, with sigma and t from the Accept; any t survivors' noise sums to at
+least sigma^2. The generator is numpy's PCG64 seeded with 256 bits from the
+OS (or the one the driver passes, for tests); it is not a CSPRNG, and float
+Gaussian sampling has known precision artefacts (Mironov, CCS 2012): a
+discrete Gaussian on the fixed-point grid would close both (future work).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import nacl.utils
 import numpy as np
 import numpy.typing as npt
 
 from fi_peer.errors import UnexpectedMessage
 from fi_peer.identity import Identity
+from fi_peer.privacy import secagg
+from fi_peer.privacy.dp import add_member_noise
 from fi_peer.protocol import fixedpoint
-from fi_peer.protocol.effects import Effect, Evaluate, Send, SetTimer
+from fi_peer.protocol.effects import Charge, Effect, Evaluate, Send, SetTimer
 from fi_peer.protocol.envelope import seal
+from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.messages import (
     Accept,
     Decline,
+    KeyRelay,
+    KeyShares,
+    Message,
     ModelCard,
     Offer,
     QueryRequest,
     Receipt,
     Result,
+    Reveal,
     Share,
+    Unmask,
 )
 from fi_peer.protocol.sealing import open_input
 
 # How long after a query's deadline a member keeps its state (clock skew slack).
 GRACE_MS = 5_000
+# Relative slack when comparing the querier's noise scale with our own requirement
+# (both come from the same calibration; this only absorbs float rounding).
+SIGMA_RTOL = 1e-9
+MAX_CHANNELS = 4096
 
 SessionKey = tuple[str, bytes]  # (querier peer id, query id): query ids are the querier's choice
 
@@ -49,12 +89,33 @@ SessionKey = tuple[str, bytes]  # (querier peer id, query id): query ids are the
 class RState(enum.Enum):
     OFFERED = "offered"
     EVALUATING = "evaluating"
-    ANSWERED = "answered"
+    KEYED = "keyed"
+    HAVE_VECTOR = "have_vector"
+    HAVE_RELAY = "have_relay"
+    CHARGING = "charging"
+    SHARED = "shared"
+    REVEALED = "revealed"
 
 
-_NEXT: dict[RState, RState] = {
-    RState.OFFERED: RState.EVALUATING,
-    RState.EVALUATING: RState.ANSWERED,
+class REvent(enum.Enum):
+    ACCEPT_PLAIN = "accept_plain"
+    ACCEPT_SECAGG = "accept_secagg"
+    EVALUATED = "evaluated"
+    RELAY = "relay"
+    CHARGED = "charged"
+    UNMASK = "unmask"
+
+
+_TRANSITIONS: dict[tuple[RState, REvent], RState] = {
+    (RState.OFFERED, REvent.ACCEPT_PLAIN): RState.EVALUATING,
+    (RState.OFFERED, REvent.ACCEPT_SECAGG): RState.KEYED,
+    (RState.EVALUATING, REvent.EVALUATED): RState.CHARGING,
+    (RState.KEYED, REvent.EVALUATED): RState.HAVE_VECTOR,
+    (RState.KEYED, REvent.RELAY): RState.HAVE_RELAY,
+    (RState.HAVE_VECTOR, REvent.RELAY): RState.CHARGING,
+    (RState.HAVE_RELAY, REvent.EVALUATED): RState.CHARGING,
+    (RState.CHARGING, REvent.CHARGED): RState.SHARED,
+    (RState.SHARED, REvent.UNMASK): RState.REVEALED,
 }
 
 
@@ -64,8 +125,20 @@ class MemberSession:
     request: QueryRequest
     state: RState
     price_wei: int
+    mask_secret: bytes = b""
+    mask_key: bytes = b""
+    accept: Accept | None = None
+    masking: secagg.MaskingMember | None = None
+    words: fixedpoint.Words | None = None  # noisy fixed-point vector, before masking
     share_digest: bytes = b""
     receipt: Receipt | None = None
+
+    def goto(self, event: REvent) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, event)]
+        except KeyError:
+            state = self.state.value
+            raise UnexpectedMessage(f"{event.value} not expected in state {state}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,19 +151,52 @@ class ResponderConfig:
     # Requests whose deadline lies further ahead are refused: a far deadline
     # would otherwise hold a slot of our capacity for as long as it says.
     max_query_ms: int = 120_000
+    # Answer queries that are not securely aggregated (the querier then sees our
+    # vector itself). Off unless the owner opts in.
+    allow_plaintext: bool = False
+    # Smallest committee we join under secure aggregation: with one member, the
+    # "sum" is that member's vector.
+    min_committee: int = 2
 
 
 class Responder:
-    def __init__(self, identity: Identity, card: ModelCard, config: ResponderConfig) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        card: ModelCard,
+        config: ResponderConfig,
+        *,
+        guard: PrivacyGuard | None = None,
+        rng: np.random.Generator | None = None,
+        box_key_of: Callable[[str], bytes | None] = lambda peer: None,
+        metrics: Counter[str] | None = None,
+    ) -> None:
         self.identity = identity
         self.card = card
         self.config = config
+        self.guard = guard
+        self.rng = rng if rng is not None else np.random.default_rng(
+            int.from_bytes(nacl.utils.random(32), "little")
+        )
+        self.box_key_of = box_key_of
+        self.metrics: Counter[str] = metrics if metrics is not None else Counter()
         self.sessions: dict[SessionKey, MemberSession] = {}
         self.receipts: list[Receipt] = []
+        self._channels: OrderedDict[bytes, secagg.Channel] = OrderedDict()
 
     @staticmethod
     def timer_key(key: SessionKey) -> tuple[str, str, bytes]:
         return ("r-expire", key[0], key[1])
+
+    def _send(self, peer: str, message: Message, now_ms: int) -> Send:
+        return Send(peer, seal(self.identity, message, now_ms))
+
+    def _decline(self, key: SessionKey, reason: str, now_ms: int) -> list[Effect]:
+        """Give up on a query: tell the querier why and forget it."""
+        session = self.sessions.pop(key, None)
+        self.metrics[f"responder.declined.{reason}"] += 1
+        querier = key[0] if session is None else session.querier
+        return [self._send(querier, Decline(query_id=key[1], reason=reason), now_ms)]
 
     def can_serve(self, request: QueryRequest, now_ms: int) -> str | None:
         """Why this peer will not offer (None when it will)."""
@@ -101,6 +207,8 @@ class Responder:
             return "shape_mismatch"
         if request.rule not in card.rules:
             return "rule_unsupported"
+        if not request.secagg and not self.config.allow_plaintext:
+            return "plaintext_refused"
         if request.max_price_wei < self.config.price_wei:
             return "price_too_low"
         if request.deadline_ms > now_ms + self.config.max_query_ms:
@@ -108,6 +216,20 @@ class Responder:
         if len(self.sessions) >= self.config.capacity:
             return "busy"
         return None
+
+    def _effective_sigma(self, sigma: float, request: QueryRequest, threshold: int) -> float:
+        """Noise protecting our vector in what the querier sees (see guard.py)."""
+        return sigma if request.secagg else sigma / math.sqrt(threshold)
+
+    def _privacy_refusal(self, sender: str, request: QueryRequest, now_ms: int) -> str | None:
+        if self.guard is None:
+            return None
+        required = self.guard.required_sigma(request)
+        if required is None:
+            return "dp_policy_refused"
+        # Plaintext: t is not known yet; t <= k, so sigma/sqrt(k) bounds the cost from above.
+        sigma = self._effective_sigma(required, request, request.k)
+        return self.guard.check(sender, request, sigma, now_ms)
 
     def on_request(self, sender: str, request: QueryRequest, now_ms: int) -> list[Effect]:
         key = (sender, request.query_id)
@@ -117,36 +239,55 @@ class Responder:
             raise UnexpectedMessage("query request already past its deadline")
         if self.can_serve(request, now_ms) is not None:
             return []
-        self.sessions[key] = MemberSession(sender, request, RState.OFFERED, self.config.price_wei)
+        refusal = self._privacy_refusal(sender, request, now_ms)
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
+        session = MemberSession(sender, request, RState.OFFERED, self.config.price_wei)
+        if request.secagg:
+            session.mask_secret, session.mask_key = secagg.mask_keypair()
+        self.sessions[key] = session
         offer = Offer(
             query_id=request.query_id,
             price_wei=self.config.price_wei,
             box_key=self.identity.box_public_key,
             expected_latency_ms=self.config.expected_latency_ms,
+            mask_key=session.mask_key,
         )
         expiry = min(request.deadline_ms, now_ms + self.config.offer_ttl_ms)
-        return [
-            Send(sender, seal(self.identity, offer, now_ms)),
-            SetTimer(self.timer_key(key), expiry),
-        ]
+        return [self._send(sender, offer, now_ms), SetTimer(self.timer_key(key), expiry)]
 
-    def _session(self, key: SessionKey, state: RState | None) -> MemberSession:
+    def _session(self, key: SessionKey, *states: RState) -> MemberSession:
         session = self.sessions.get(key)
         if session is None:
             raise UnexpectedMessage("no query of this querier is open here")
-        if state is not None and session.state is not state:
+        if states and session.state not in states:
             raise UnexpectedMessage(f"message not expected in state {session.state.value}")
         return session
+
+    def _channel(self, box_key: bytes) -> secagg.Channel:
+        """The long-term channel with a peer (cached: the X25519 is done once per peer)."""
+        channel = self._channels.get(box_key)
+        if channel is None:
+            channel = secagg.Channel(self.identity.box_key, box_key)
+            self._channels[box_key] = channel
+            if len(self._channels) > MAX_CHANNELS:
+                self._channels.popitem(last=False)
+        else:
+            self._channels.move_to_end(box_key)
+        return channel
 
     def on_accept(self, sender: str, accept: Accept, now_ms: int) -> list[Effect]:
         key = (sender, accept.query_id)
         session = self._session(key, RState.OFFERED)
-        me = [m for m in accept.committee if m.peer_id == self.identity.peer_id]
-        if not me or me[0].box_key != self.identity.box_public_key:
+        request = session.request
+        mine = [i for i, m in enumerate(accept.committee) if m.peer_id == self.identity.peer_id]
+        me = accept.committee[mine[0]] if mine else None
+        if me is None or me.box_key != self.identity.box_public_key:
             raise UnexpectedMessage("accept does not list this peer with its key")
+        if me.mask_key != session.mask_key:
+            raise UnexpectedMessage("accept does not list this peer with its mask key")
         if accept.price_wei < session.price_wei:
             raise UnexpectedMessage("accept below the offered price")
-        request = session.request
         x = open_input(
             self.identity.box_key,
             request.reply_key,
@@ -154,40 +295,164 @@ class Responder:
             accept.sealed_input,
             request.input_dim,
         )
+        refusal = self._accept_refusal(request, accept)
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
         session.price_wei = accept.price_wei
-        session.state = _NEXT[session.state]
-        return [
-            Evaluate(request.query_id, x, request.rule, request.vector_len, sender),
-            SetTimer(self.timer_key(key), request.deadline_ms + GRACE_MS),
-        ]
+        session.accept = accept
+        evaluate = Evaluate(request.query_id, x, request.rule, request.vector_len, sender)
+        expire = SetTimer(self.timer_key(key), request.deadline_ms + GRACE_MS)
+        if not request.secagg:
+            session.goto(REvent.ACCEPT_PLAIN)
+            return [evaluate, expire]
+        try:
+            committee = [
+                secagg.Participant(m.peer_id, m.box_key, m.mask_key) for m in accept.committee
+            ]
+            channels = [
+                None if i == mine[0] else self._channel(m.box_key)
+                for i, m in enumerate(accept.committee)
+            ]
+            session.masking = secagg.MaskingMember(
+                context=secagg.session_context(sender, request.query_id),
+                committee=committee,
+                index=mine[0],
+                threshold=accept.threshold,
+                mask_secret=session.mask_secret,
+                channels=channels,
+            )
+            ciphertexts, commitment = session.masking.key_shares()
+        except secagg.SecAggError as exc:
+            return self._decline(key, exc.reason, now_ms)
+        except ValueError:  # a committee secagg cannot work with (e.g. duplicate mask keys)
+            return self._decline(key, "bad_committee", now_ms)
+        session.goto(REvent.ACCEPT_SECAGG)
+        shares = KeyShares(
+            query_id=request.query_id, ciphertexts=ciphertexts, commitment=commitment
+        )
+        # The model runs while the key shares travel: Evaluate goes out first.
+        return [evaluate, self._send(sender, shares, now_ms), expire]
+
+    def _accept_refusal(self, request: QueryRequest, accept: Accept) -> str | None:
+        n, t = len(accept.committee), accept.threshold
+        if request.secagg:
+            if n < self.config.min_committee:
+                return "committee_too_small"
+            if 2 * t <= n:
+                return "threshold_not_majority"
+            for m in accept.committee:
+                known = self.box_key_of(m.peer_id)
+                if known is not None and known != m.box_key:
+                    return "box_key_mismatch"
+        required = 0.0 if self.guard is None else self.guard.required_sigma(request)
+        if required is None:
+            return "dp_policy_refused"
+        if accept.noise_sigma < required * (1 - SIGMA_RTOL):
+            return "noise_too_low"
+        return None
 
     def on_evaluated(self, key: SessionKey, vector: npt.ArrayLike, now_ms: int) -> list[Effect]:
         session = self.sessions.get(key)
-        if session is None or session.state is not RState.EVALUATING:
+        waiting = (RState.EVALUATING, RState.KEYED, RState.HAVE_RELAY)
+        if session is None or session.state not in waiting or session.accept is None:
             return []  # expired or cancelled meanwhile: nothing to send
+        accept = session.accept
         try:
-            words = fixedpoint.encode(np.asarray(vector, dtype=np.float64))
+            raw = np.asarray(vector, dtype=np.float64)
+            if raw.shape != (session.request.vector_len,):
+                raise ValueError("wrong vector length")
+            noisy = add_member_noise(raw, accept.noise_sigma, accept.threshold, self.rng)
+            words = fixedpoint.encode(noisy)
         except ValueError:
             return self.on_evaluation_failed(key, now_ms, reason="bad_vector")
-        if words.shape != (session.request.vector_len,):
-            return self.on_evaluation_failed(key, now_ms, reason="bad_vector")
-        session.state = _NEXT[session.state]
+        session.words = words
+        session.goto(REvent.EVALUATED)
+        if session.state is RState.HAVE_VECTOR and session.masking is not None:
+            # The relay is still on its way: do the X25519 agreements now, for the
+            # whole committee (U1 is the committee unless someone dropped).
+            try:
+                session.masking.prepare()
+            except secagg.SecAggError as exc:
+                return self._decline(key, exc.reason, now_ms)
+        if session.state is RState.CHARGING:
+            return self._charge(key, session, now_ms)
+        return []
+
+    def on_key_relay(self, sender: str, relay: KeyRelay, now_ms: int) -> list[Effect]:
+        key = (sender, relay.query_id)
+        session = self._session(key, RState.KEYED, RState.HAVE_VECTOR)
+        assert session.masking is not None
+        try:
+            session.masking.open_relay(relay.u1, relay.ciphertexts)
+        except secagg.SecAggError as exc:
+            return self._decline(key, exc.reason, now_ms)
+        session.goto(REvent.RELAY)
+        if session.state is RState.CHARGING:
+            return self._charge(key, session, now_ms)
+        return []
+
+    def _charge(self, key: SessionKey, session: MemberSession, now_ms: int) -> list[Effect]:
+        """The share is ready: have its privacy cost recorded first (no guard: nothing to do)."""
+        if self.guard is None:
+            return self._share(key, session, now_ms)
+        accept = session.accept
+        assert accept is not None
+        sigma = self._effective_sigma(accept.noise_sigma, session.request, accept.threshold)
+        return [Charge(key[0], session.request, sigma)]
+
+    def on_charged(self, key: SessionKey, refusal: str | None, now_ms: int) -> list[Effect]:
+        """The driver's answer to a Charge effect."""
+        session = self.sessions.get(key)
+        if session is None or session.state is not RState.CHARGING:
+            return []  # expired or ended meanwhile: the charge stands, nothing is sent
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
+        return self._share(key, session, now_ms)
+
+    def _share(self, key: SessionKey, session: MemberSession, now_ms: int) -> list[Effect]:
+        """Send the (masked) share; its cost is recorded already."""
+        session.goto(REvent.CHARGED)
+        words = session.words
+        assert words is not None
+        tags: tuple[bytes, ...] = ()
+        if session.masking is not None:
+            try:
+                words, tags = session.masking.masked_input(words)
+            except secagg.SecAggError as exc:  # e.g. a member's mask key of low order
+                return self._decline(key, exc.reason, now_ms)
         data = fixedpoint.to_bytes(words)
+        session.words = None
         session.share_digest = hashlib.sha256(data).digest()
-        share = Share(query_id=key[1], vector=data, commitment=b"")
-        return [Send(session.querier, seal(self.identity, share, now_ms))]
+        share = Share(query_id=key[1], vector=data, commitment=b"", view_tags=tags)
+        return [self._send(session.querier, share, now_ms)]
 
     def on_evaluation_failed(
         self, key: SessionKey, now_ms: int, reason: str = "model_error"
     ) -> list[Effect]:
-        session = self.sessions.pop(key, None)
-        if session is None:
+        if key not in self.sessions:
             return []
-        decline = Decline(query_id=key[1], reason=reason)
-        return [Send(session.querier, seal(self.identity, decline, now_ms))]
+        return self._decline(key, reason, now_ms)
+
+    def on_unmask(self, sender: str, unmask: Unmask, now_ms: int) -> list[Effect]:
+        key = (sender, unmask.query_id)
+        session = self._session(key, RState.SHARED, RState.REVEALED)
+        if session.masking is None:
+            raise UnexpectedMessage("unmask for a plaintext query")
+        try:
+            seeds, keys = session.masking.reveal(
+                unmask.survivors, unmask.dropped, unmask.view_tags
+            )
+        except secagg.SecAggError as exc:
+            # Refused: nothing revealed. The session stays (receipt, result).
+            self.metrics[f"responder.refused.{exc.reason}"] += 1
+            decline = Decline(query_id=unmask.query_id, reason=f"refused_{exc.reason}")
+            return [self._send(sender, decline, now_ms)]
+        session.goto(REvent.UNMASK)
+        reveal = Reveal(query_id=unmask.query_id, seed_shares=seeds, key_shares=keys)
+        return [self._send(sender, reveal, now_ms)]
 
     def on_receipt(self, sender: str, receipt: Receipt, now_ms: int) -> list[Effect]:
-        session = self._session((sender, receipt.query_id), RState.ANSWERED)
+        session = self._session((sender, receipt.query_id), RState.SHARED, RState.REVEALED)
         if receipt.member != self.identity.peer_id or session.receipt is not None:
             raise UnexpectedMessage("receipt not for this member, or a second one")
         if receipt.share_digest != session.share_digest:
@@ -200,10 +465,11 @@ class Responder:
 
     def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
         key = (sender, result.query_id)
-        self._session(key, None)
+        self._session(key)
         del self.sessions[key]
         return []
 
     def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
         self.sessions.pop(key, None)
         return []
+

@@ -1,7 +1,9 @@
 """A deterministic, synchronous network of PeerCores for sans-io tests.
 
 Effects are delivered in FIFO order; timers fire when the test advances the
-fake clock. Models are plain functions ``x -> vector``.
+fake clock. Models are plain functions ``x -> vector``. A peer may get a
+PrivacyGuard (its budget) and a seeded noise generator; the net carries out a
+Charge effect at once, with that guard, and reports back like a driver must.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from fi_peer.identity import Identity
 from fi_peer.protocol.effects import (
+    Charge,
     Effect,
     Evaluate,
     Publish,
@@ -24,6 +27,7 @@ from fi_peer.protocol.effects import (
     Send,
     SetTimer,
 )
+from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 
@@ -56,9 +60,18 @@ class SansIoNet:
     _latest_timer: dict[tuple[str, Hashable], int] = field(default_factory=dict)
 
     def add(
-        self, name: str, model: Model | None, config: CoreConfig | None = None, n_classes: int = 3
+        self,
+        name: str,
+        model: Model | None,
+        config: CoreConfig | None = None,
+        n_classes: int = 3,
+        *,
+        guard: PrivacyGuard | None = None,
+        rng: np.random.Generator | None = None,
     ) -> PeerCore:
-        core = PeerCore(Identity.from_seed(name.encode()), card(n_classes), config=config)
+        core = PeerCore(
+            Identity.from_seed(name.encode()), card(n_classes), config=config, guard=guard, rng=rng
+        )
         self.cores[core.peer_id] = core
         self.models[core.peer_id] = model
         for topic in core.topics():
@@ -90,6 +103,12 @@ class SansIoNet:
                     self._feed(origin, core.evaluation_failed(effect, self.now_ms))
                 else:
                     self._feed(origin, core.evaluated(effect, model(x, rule), self.now_ms))
+            case Charge(querier, request, sigma):
+                core = self.cores[origin]
+                guard = core.responder.guard
+                assert guard is not None, "a Charge comes only from a peer with a guard"
+                refusal = guard.charge(querier, request, sigma, self.now_ms)
+                self._feed(origin, core.charged(effect, refusal, self.now_ms))
             case QueryDone(outcome):
                 self.done[outcome.query_id] = outcome
                 self.outcomes.append(outcome)

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from fi_peer.agent import Agent
+from fi_peer.agent import Agent, LedgerGuard
+from fi_peer.errors import LocalProtocolError
 from fi_peer.identity import Identity
+from fi_peer.privacy.budget import BudgetLedger, BudgetLimits
 from fi_peer.protocol.envelope import seal
 from fi_peer.protocol.messages import Accept, Member, ModelCard, Offer, QueryRequest, Share
 from fi_peer.protocol.peer import CoreConfig, PeerCore
@@ -230,3 +234,97 @@ async def test_close_fails_pending_queries_and_is_idempotent() -> None:
         await agent.aclose()
     outcome = await asyncio.wait_for(pending, 5)
     assert not outcome.ok and outcome.reason == "closed"
+
+
+# -- privacy: DP noise and the owners' budget ledgers ------------------------------------------
+
+
+async def start_private_agents(
+    hub: MemoryHub, n: int, tmp_path: Path, limits: BudgetLimits
+) -> tuple[list[Agent], list[BudgetLedger]]:
+    agents, ledgers = [], []
+    for i in range(n):
+        identity = Identity.from_seed(f"private-{i}".encode())
+        ledger = BudgetLedger.open(tmp_path / f"budget-{i}.sqlite", limits)
+        ledgers.append(ledger)
+        core = PeerCore(identity, toy_card(), config=CONFIG, guard=LedgerGuard(ledger),
+                        rng=np.random.default_rng(i))
+        agent = Agent(core, hub.transport(identity.peer_id), ToyModel(i))
+        await agent.start()
+        agents.append(agent)
+    for agent in agents:
+        agent.announce()
+    for agent in agents:
+        assert await agent.wait_for_peers(n - 1, timeout_s=5)
+    return agents, ledgers
+
+
+async def test_dp_query_is_noisy_masked_and_charged_before_it_is_answered(tmp_path: Path) -> None:
+    hub = MemoryHub(seed=7)
+    limits = BudgetLimits(per_querier_epsilon=100.0, global_epsilon=100.0, delta=1e-5)
+    agents, ledgers = await start_private_agents(hub, 5, tmp_path, limits)
+    try:
+        outcome = await agents[0].query(np.zeros(DIM), rule="vote", k=4, timeout_s=3,
+                                        epsilon=4.0, delta=1e-5)
+        assert outcome.ok, outcome.reason
+        assert outcome.total is not None
+        exact = np.array([2.0, 2.0, 1.0])  # as in test_query_sums_every_contribution
+        assert not np.array_equal(outcome.total, exact)  # noise was added ...
+        sigma = await Agent.noise_sigma("vote", 4.0, 1e-5)
+        assert np.all(np.abs(outcome.total - exact) < 6 * sigma)  # ... at its scale
+        querier = agents[0].peer_id
+        for agent, ledger in zip(agents[1:], ledgers[1:], strict=True):
+            assert ledger.charged(querier, outcome.query_id)
+            assert 0 < ledger.spent(querier, time.time()) <= 4.0 + 1e-6
+            assert agent.metrics["accepted.unmask"] == 1
+        assert ledgers[0].spent(None, time.time()) == 0  # the querier pays no privacy
+    finally:
+        for agent in agents:
+            await agent.aclose()
+        for ledger in ledgers:
+            ledger.close()
+
+
+async def test_members_refuse_once_their_budget_for_a_querier_is_spent(tmp_path: Path) -> None:
+    hub = MemoryHub(seed=8)
+    # one answer at epsilon 4 fits a per-querier limit of 5, a second does not
+    limits = BudgetLimits(per_querier_epsilon=5.0, global_epsilon=100.0, delta=1e-5)
+    agents, ledgers = await start_private_agents(hub, 4, tmp_path, limits)
+    try:
+        first = await agents[0].query(np.zeros(DIM), rule="vote", k=3, timeout_s=2, epsilon=4.0)
+        assert first.ok, first.reason
+        second = await agents[0].query(np.zeros(DIM), rule="vote", k=3, timeout_s=2, epsilon=4.0)
+        assert not second.ok and second.reason.startswith("too_few_offers")
+        assert agents[0].metrics["declined.querier_budget_exhausted"] == 3
+        # another querier still gets answers: the limit is per querier
+        other = await agents[1].query(np.zeros(DIM), rule="vote", k=2, timeout_s=2, epsilon=4.0)
+        assert other.ok, other.reason
+        assert all(led.spent(agents[0].peer_id, time.time()) <= 5.0 for led in ledgers)
+    finally:
+        for agent in agents:
+            await agent.aclose()
+        for ledger in ledgers:
+            ledger.close()
+
+
+async def test_a_failing_ledger_means_no_answer(tmp_path: Path) -> None:
+    hub = MemoryHub(seed=9)
+    limits = BudgetLimits(per_querier_epsilon=100.0, global_epsilon=100.0, delta=1e-5)
+    agents, ledgers = await start_private_agents(hub, 4, tmp_path, limits)
+    try:
+        ledgers[2].close()  # every check and charge of member 2 now fails
+        outcome = await agents[0].query(np.zeros(DIM), rule="vote", k=2, timeout_s=2, epsilon=4.0)
+        assert outcome.ok and agents[2].peer_id not in outcome.contributors
+        assert agents[0].metrics["declined.ledger_error"] == 1
+        assert agents[2].metrics.get("accepted.accept", 0) == 0
+    finally:
+        for agent in agents:
+            await agent.aclose()
+        for ledger in ledgers:
+            ledger.close()
+
+
+async def test_unbounded_rules_cannot_be_asked_under_dp(five) -> None:
+    _, agents, _ = five
+    with pytest.raises(LocalProtocolError, match="unbounded"):
+        await agents[0].query(np.zeros(DIM), rule="gated", k=2, epsilon=1.0)

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from fi_peer.errors import MalformedMessage, RemoteProtocolError
 from fi_peer.identity import Identity
+from fi_peer.privacy.secagg import CIPHERTEXT_LEN, TAG_LEN
+from fi_peer.privacy.shamir import SHARE_LEN
 from fi_peer.protocol import codec, envelope
 from fi_peer.protocol.messages import (
     MAX_PRICE_WEI,
@@ -26,13 +28,17 @@ from fi_peer.protocol.messages import (
     Accept,
     Announce,
     Decline,
+    KeyRelay,
+    KeyShares,
     Member,
     ModelCard,
     Offer,
     QueryRequest,
     Receipt,
     Result,
+    Reveal,
     Share,
+    Unmask,
 )
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,6 +109,7 @@ query_requests = st.builds(
     reply_key=keys,
     epsilon=prob(1e6),
     delta=prob(1.0),
+    secagg=st.booleans(),
 )
 offers = st.builds(
     Offer,
@@ -110,13 +117,18 @@ offers = st.builds(
     price_wei=prices,
     box_key=keys,
     expected_latency_ms=st.integers(0, 3_600_000),
+    mask_key=st.one_of(st.just(b""), keys),
 )
-members = st.builds(Member, peer_id=peer_ids, box_key=keys)
+members = st.builds(Member, peer_id=peer_ids, box_key=keys, mask_key=st.one_of(st.just(b""), keys))
 
 
 @st.composite
 def accepts(draw: st.DrawFn) -> Accept:
-    committee = draw(st.lists(members, min_size=1, max_size=64, unique_by=lambda m: m.peer_id))
+    masked = draw(st.booleans())
+    committee = [
+        dataclasses.replace(m, mask_key=draw(keys) if masked else b"")
+        for m in draw(st.lists(members, min_size=1, max_size=64, unique_by=lambda m: m.peer_id))
+    ]
     return Accept(
         query_id=draw(query_ids),
         committee=tuple(committee),
@@ -135,7 +147,45 @@ shares = st.builds(
     query_id=query_ids,
     vector=st.integers(1, 4096).flatmap(lambda n: blob(8 * n)),
     commitment=st.one_of(st.just(b""), blob(32)),
+    view_tags=st.lists(blob(TAG_LEN), max_size=63).map(tuple),
 )
+key_shares = st.builds(
+    KeyShares,
+    query_id=query_ids,
+    ciphertexts=st.lists(blob(CIPHERTEXT_LEN), max_size=63).map(tuple),
+    commitment=blob(32),
+)
+indices = st.lists(st.integers(0, 63), unique=True).map(lambda v: tuple(sorted(v)))
+
+
+@st.composite
+def key_relays(draw: st.DrawFn) -> KeyRelay:
+    u1 = draw(indices.filter(len))
+    cts = tuple(draw(blob(CIPHERTEXT_LEN)) for _ in range(len(u1) - 1))
+    return KeyRelay(query_id=draw(query_ids), u1=u1, ciphertexts=cts)
+
+
+@st.composite
+def unmasks(draw: st.DrawFn) -> Unmask:
+    both = draw(indices.filter(len))
+    cut = draw(st.integers(1, len(both)))
+    order = draw(st.permutations(both))
+    survivors, dropped = tuple(sorted(order[:cut])), tuple(sorted(order[cut:]))
+    tags = tuple(draw(blob(TAG_LEN)) for _ in range(len(survivors) - 1))
+    return Unmask(query_id=draw(query_ids), survivors=survivors, dropped=dropped, view_tags=tags)
+
+
+@st.composite
+def reveals(draw: st.DrawFn) -> Reveal:
+    n = draw(st.integers(1, 64))
+    n_seeds = draw(st.integers(1, n))
+    return Reveal(
+        query_id=draw(query_ids),
+        seed_shares=tuple(draw(blob(SHARE_LEN)) for _ in range(n_seeds)),
+        key_shares=tuple(draw(blob(SHARE_LEN)) for _ in range(n - n_seeds)),
+    )
+
+
 receipts = st.builds(
     Receipt, query_id=query_ids, member=peer_ids, share_digest=blob(32), price_wei=prices
 )
@@ -155,7 +205,11 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Offer: offers,
     Accept: accepts(),
     Decline: declines,
+    KeyShares: key_shares,
+    KeyRelay: key_relays(),
     Share: shares,
+    Unmask: unmasks(),
+    Reveal: reveals(),
     Receipt: receipts,
     Result: results,
 }
@@ -218,15 +272,27 @@ def test_largest_valid_messages_fit_their_caps() -> None:
             deadline_ms=1 << 63, reply_key=b"\xff" * 32, epsilon=1e6, delta=1.0,
         ),
         Offer(query_id=b"\xff" * 16, price_wei=MAX_PRICE_WEI, box_key=b"\xff" * 32,
-              expected_latency_ms=3_600_000),
+              expected_latency_ms=3_600_000, mask_key=b"\xff" * 32),
         Accept(
             query_id=b"\xff" * 16,
-            committee=tuple(Member(peer_id=f"{i:064x}", box_key=b"\xff" * 32) for i in range(64)),
+            committee=tuple(Member(peer_id=f"{i:064x}", box_key=b"\xff" * 32,
+                                   mask_key=b"\xff" * 32) for i in range(64)),
             threshold=64, price_wei=MAX_PRICE_WEI, answer_deadline_ms=1 << 63,
             escrow_ref=b"\xff" * 64, noise_sigma=1e9, sealed_input=b"\xff" * (4 * 65_536 + 256),
         ),
         Decline(query_id=b"\xff" * 16, reason="r" * 64),
-        Share(query_id=b"\xff" * 16, vector=b"\xff" * (8 * 4096), commitment=b"\xff" * 32),
+        KeyShares(query_id=b"\xff" * 16, ciphertexts=(b"\xff" * CIPHERTEXT_LEN,) * 63,
+                  commitment=b"\xff" * 32),
+        KeyRelay(query_id=b"\xff" * 16, u1=tuple(range(64)),
+                 ciphertexts=(b"\xff" * CIPHERTEXT_LEN,) * 63),
+        Share(query_id=b"\xff" * 16, vector=b"\xff" * (8 * 4096), commitment=b"\xff" * 32,
+              view_tags=(b"\xff" * TAG_LEN,) * 63),
+        Unmask(query_id=b"\xff" * 16, survivors=tuple(range(63)), dropped=(63,),
+               view_tags=(b"\xff" * TAG_LEN,) * 62),
+        Unmask(query_id=b"\xff" * 16, survivors=tuple(range(64)), dropped=(),
+               view_tags=(b"\xff" * TAG_LEN,) * 63),
+        Reveal(query_id=b"\xff" * 16, seed_shares=(b"\xff" * SHARE_LEN,) * 40,
+               key_shares=(b"\xff" * SHARE_LEN,) * 24),
         Receipt(query_id=b"\xff" * 16, member="f" * 64, share_digest=b"\xff" * 32,
                 price_wei=MAX_PRICE_WEI),
         Result(query_id=b"\xff" * 16, ok=False, contributors=tuple(f"{i:064x}" for i in range(64)),
@@ -253,24 +319,25 @@ def test_max_price_fits_the_wire() -> None:
 def test_golden_encoding_of_an_offer() -> None:
     """Pins the wire form: array of fields in declaration order, smallest encodings."""
     offer = Offer(query_id=bytes(range(16)), price_wei=300, box_key=b"\x07" * 32,
-                  expected_latency_ms=5)
+                  expected_latency_ms=5, mask_key=b"\x09" * 32)
     expected = (
-        b"\x94"
+        b"\x95"
         + b"\xc4\x10" + bytes(range(16))
         + b"\xcd\x01\x2c"
         + b"\xc4\x20" + b"\x07" * 32
         + b"\x05"
+        + b"\xc4\x20" + b"\x09" * 32
     )
     assert codec.pack(offer) == expected
     assert codec.unpack(Offer, expected) == offer
 
 
 def test_nested_dataclass_is_a_nested_array() -> None:
-    m = Member(peer_id="a" * 64, box_key=b"k" * 32)
+    m = Member(peer_id="a" * 64, box_key=b"k" * 32, mask_key=b"m" * 32)
     acc = Accept(query_id=b"q" * 16, committee=(m,), threshold=1, price_wei=0,
                  answer_deadline_ms=0, escrow_ref=b"", noise_sigma=0.0, sealed_input=b"x")
     wire = msgpack.unpackb(codec.pack(acc), raw=False)
-    assert wire[1] == [["a" * 64, b"k" * 32]]
+    assert wire[1] == [["a" * 64, b"k" * 32, b"m" * 32]]
 
 
 # -- invalid values: cannot be constructed, cannot be decoded -------------------------

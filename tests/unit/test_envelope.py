@@ -26,6 +26,8 @@ from fi_peer.errors import (
     UnknownKind,
 )
 from fi_peer.identity import Identity, verify_signature
+from fi_peer.privacy.secagg import CIPHERTEXT_LEN, TAG_LEN
+from fi_peer.privacy.shamir import SHARE_LEN
 from fi_peer.protocol import codec, envelope
 from fi_peer.protocol.envelope import (
     DEFAULT_WINDOW_MS,
@@ -41,13 +43,17 @@ from fi_peer.protocol.messages import (
     Accept,
     Announce,
     Decline,
+    KeyRelay,
+    KeyShares,
     Member,
     ModelCard,
     Offer,
     QueryRequest,
     Receipt,
     Result,
+    Reveal,
     Share,
+    Unmask,
 )
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -75,7 +81,13 @@ SAMPLES = [
            threshold=1, price_wei=7, answer_deadline_ms=NOW + 5000, escrow_ref=b"",
            noise_sigma=0.25, sealed_input=b"s" * 80),
     Decline(query_id=b"q" * 16, reason="busy"),
+    KeyShares(query_id=b"q" * 16, ciphertexts=(b"e" * CIPHERTEXT_LEN,) * 2, commitment=b"c" * 32),
+    KeyRelay(query_id=b"q" * 16, u1=(0, 2), ciphertexts=(b"e" * CIPHERTEXT_LEN,)),
     Share(query_id=b"q" * 16, vector=b"\x01" * 24, commitment=b"c" * 32),
+    Share(query_id=b"q" * 16, vector=b"\x01" * 24, commitment=b"", view_tags=(b"t" * TAG_LEN,)),
+    Unmask(query_id=b"q" * 16, survivors=(0, 2), dropped=(1,), view_tags=(b"t" * TAG_LEN,)),
+    Reveal(query_id=b"q" * 16, seed_shares=(b"\x00" * SHARE_LEN,) * 2,
+           key_shares=(b"\x01" * SHARE_LEN,)),
     Receipt(query_id=b"q" * 16, member=BOB.peer_id, share_digest=b"d" * 32, price_wei=7),
     Result(query_id=b"q" * 16, ok=True, contributors=(BOB.peer_id,)),
 ]

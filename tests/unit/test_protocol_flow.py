@@ -3,6 +3,11 @@
 No sockets, no sleeps, no real clock: the net delivers effects in FIFO order and
 timers fire only when a test advances the fake clock. Models are deterministic
 functions whose outputs are exact in fixed point, so sums are asserted exactly.
+
+Queries are securely aggregated (the default). Where the timing or the bytes on
+the wire differ, a test runs in both modes: ``plaintext`` is the opt-in mode
+where members send their vectors in the clear. The secure-aggregation rounds
+themselves are tested in test_protocol_private.py.
 """
 
 from __future__ import annotations
@@ -117,14 +122,15 @@ def world(
     prices: list[int] | None = None,
     querier_config: QuerierConfig | None = None,
     n_classes: list[int] | None = None,
+    plaintext: bool = False,
 ) -> World:
     net = SansIoNet(now_ms=T0)
-    qconf = CoreConfig(querier=querier_config or QuerierConfig())
+    qconf = CoreConfig(querier=querier_config or QuerierConfig(secure_aggregation=not plaintext))
     querier = net.add("querier", model_for(100), qconf)
     members = []
     for i in range(n_members):
         price = prices[i] if prices else 0
-        conf = CoreConfig(responder=ResponderConfig(price_wei=price))
+        conf = CoreConfig(responder=ResponderConfig(price_wei=price, allow_plaintext=plaintext))
         m = models[i] if models else model_for(i)
         members.append(net.add(f"member{i}", m, conf,
                                n_classes=n_classes[i] if n_classes else 3))
@@ -144,8 +150,16 @@ def done(w: World, qid: bytes) -> QueryOutcome:
 # -- a query that works -----------------------------------------------------------------------
 
 
-def test_query_with_k_members_is_ok_with_the_exact_sum() -> None:
-    w = world(3, prices=[5, 6, 7])
+# Under secure aggregation the shares round ends this long before the deadline.
+UNMASK_WINDOW = QuerierConfig().unmask_window_ms
+MODES = pytest.mark.parametrize("plaintext", [False, True], ids=["secagg", "plaintext"])
+
+
+@MODES
+def test_query_with_k_members_is_ok_with_the_exact_sum(plaintext: bool) -> None:
+    w = world(3, prices=[5, 6, 7], plaintext=plaintext)
+    tap = Tap()
+    w.net.drop = tap
     qid = w.submit(k=3)
     out = done(w, qid)
     assert out.ok and out.reason == "ok"
@@ -165,8 +179,12 @@ def test_query_with_k_members_is_ok_with_the_exact_sum() -> None:
         model = w.models[member.peer_id]
         assert model is not None
         vector = fixedpoint.to_bytes(fixedpoint.encode(model(X, "soft")))
+        (sent,) = [codec.unpack(Share, msgpack.unpackb(d, raw=False)[5]).vector
+                   for d in tap.of("share", src=member.peer_id)]
+        # in the clear only in plaintext mode; masked (uniform-looking) otherwise
+        assert (sent == vector) is plaintext
         assert receipt == Receipt(query_id=qid, member=member.peer_id,
-                                  share_digest=hashlib.sha256(vector).digest(),
+                                  share_digest=hashlib.sha256(sent).digest(),
                                   price_wei=[5, 6, 7][i])
         assert member.responder.sessions == {}  # the Result closed it
         assert member.metrics["accepted.result"] == 1
@@ -264,16 +282,20 @@ def test_too_many_declines_fail_at_once_with_a_reason() -> None:
     assert all(m.responder.sessions == {} for m in w.members)
 
 
-def test_dropped_share_waits_for_the_deadline_then_ok() -> None:
-    w = world(3)
+@MODES
+def test_dropped_share_waits_for_the_deadline_then_ok(plaintext: bool) -> None:
+    """Plaintext: the shares round lasts until the deadline; secagg: until the
+    unmask window before it (the unmask round then takes no time here)."""
+    w = world(3, plaintext=plaintext)
     silent = w.members[1].peer_id
     w.net.drop = Tap(hold=lambda src, dst, kind: src == silent and kind == "share")
     qid = w.submit(k=3)
-    w.net.advance(TIMEOUT - 1)
+    end = TIMEOUT if plaintext else TIMEOUT - UNMASK_WINDOW
+    w.net.advance(end - 1)
     assert qid not in w.net.done
     w.net.advance(1)
     out = done(w, qid)
-    assert out.ok and out.elapsed_ms == TIMEOUT
+    assert out.ok and out.elapsed_ms == end
     answered = ids(w.members[0], w.members[2])
     assert list(out.contributors) == answered
     assert out.total is not None
@@ -282,17 +304,19 @@ def test_dropped_share_waits_for_the_deadline_then_ok() -> None:
     assert w.members[1].responder.sessions == {} and w.members[1].responder.receipts == []
 
 
-def test_too_few_shares_fail_at_the_deadline_with_a_reason() -> None:
-    w = world(3)
+@MODES
+def test_too_few_shares_fail_at_the_deadline_with_a_reason(plaintext: bool) -> None:
+    w = world(3, plaintext=plaintext)
     silent = {w.members[0].peer_id, w.members[2].peer_id}
     w.net.drop = Tap(hold=lambda src, dst, kind: src in silent and kind == "share")
     qid = w.submit(k=3)
-    w.net.advance(TIMEOUT - 1)
+    end = TIMEOUT if plaintext else TIMEOUT - UNMASK_WINDOW
+    w.net.advance(end - 1)
     assert qid not in w.net.done
     w.net.advance(1)
     out = done(w, qid)
     assert not out.ok and out.reason == "too_few_shares_1_of_2"
-    assert out.total is None and out.contributors == () and out.elapsed_ms == TIMEOUT
+    assert out.total is None and out.contributors == () and out.elapsed_ms == end
     assert w.querier.metrics["queries.failed"] == 1
 
 
