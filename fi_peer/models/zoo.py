@@ -111,6 +111,7 @@ ARCHITECTURES: Mapping[str, ArchSpec] = MappingProxyType(
             _spec(64, 32, 10),  # small and fast (tests, weak members)
             _spec(64, 256, 128, 10),
             _spec(64, 10),  # multinomial logistic regression
+            _spec(392, 128, 10),  # the default member on "mnist" (392 features, data.py)
         )
     }
 )
