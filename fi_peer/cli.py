@@ -83,10 +83,25 @@ def init(
     force: Annotated[
         bool, typer.Option(help="Replace an existing identity (irreversible).")
     ] = False,
+    transport: Annotated[
+        str, typer.Option(help="How peers talk: libp2p (peer to peer) or mqtt (via a broker).")
+    ] = "libp2p",
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(help="libp2p listen multiaddr (repeatable); default /ip4/127.0.0.1/tcp/0."),
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option(help="libp2p peer to join through, /ip4/../tcp/../p2p/.. (repeatable)."),
+    ] = None,
+    broker: Annotated[
+        str, typer.Option(help="MQTT broker URL (transport mqtt).")
+    ] = "mqtt://127.0.0.1:1883",
 ) -> None:
     """Create this owner's identity (encrypted keystore) and config in STATE_DIR.
 
     The passphrase is read from $FI_PEER_PASSPHRASE, or asked for twice on a terminal.
+    Every setting can be changed later in STATE_DIR/config.toml (see `fi_peer/config.py`).
 
     Example:  fi-peer init --state-dir ./alice --model alice.pt --price-wei 1000
     """
@@ -110,14 +125,21 @@ def init(
     if config_path.exists() and not force:
         _fail(f"{config_path} exists; use --force to replace this peer's identity")
     identity = Identity.generate()
-    config = PeerConfig(
-        name=name,
-        net=net,
-        keystore=Path("keystore.json"),
-        model=model.resolve() if model is not None else None,
-        price_wei=price_wei,
-        encrypted=passphrase is not None,
-    )
+    try:
+        config = PeerConfig(
+            name=name,
+            net=net,
+            keystore=Path("keystore.json"),
+            model=model.resolve() if model is not None else None,
+            price_wei=price_wei,
+            encrypted=passphrase is not None,
+            transport=transport,
+            listen=tuple(listen) if listen else ("/ip4/127.0.0.1/tcp/0",),
+            bootstrap=tuple(bootstrap or ()),
+            broker=broker,
+        )
+    except FiPeerError as exc:
+        _fail(str(exc))
     try:
         save_keystore(state_dir / config.keystore, identity, passphrase, overwrite=force)
         write_config(config_path, config)
@@ -238,6 +260,257 @@ def _print_report(report: object) -> None:
         out.print(
             f"latency p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, p99 {lat['p99']:.0f} ms; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())
+        )
+
+
+# -- the daemon and its control API -------------------------------------------------------
+
+
+def _config_path(config: Path | None, state_dir: Path | None) -> Path:
+    if config is not None:
+        return config
+    return (state_dir or DEFAULT_HOME) / "config.toml"
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="The peer's config.toml (default: STATE_DIR/config.toml)."),
+]
+StateDirOption = Annotated[
+    Path | None, typer.Option(help="The peer's state dir ($FI_PEER_HOME, default ~/.fi-peer).")
+]
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.getLogger("fi_peer").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("network").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # py-libp2p logs expected events (a peer went away mid-stream) at ERROR with
+        # multi-line dumps; our transport reports what matters in one line.
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+        for name in ("amqtt", "transitions", "mqtt", "aiomqtt", "multiaddr"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run this owner's peer until Ctrl-C / SIGTERM: join the network, answer queries,
+    serve the local control API (for `fi-peer query`, `peers`, `status`).
+
+    An encrypted keystore needs $FI_PEER_PASSPHRASE (or a terminal prompt).
+
+    Example:  FI_PEER_PASSPHRASE=... fi-peer run --config ./alice/config.toml
+    """
+    from fi_peer.config import load_config
+    from fi_peer.daemon import configure_process, serve
+
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    _quiet_libraries(verbose)
+    try:
+        cfg = load_config(_config_path(config, state_dir))
+    except FiPeerError as exc:
+        _fail(str(exc))
+    passphrase = os.environ.get("FI_PEER_PASSPHRASE")
+    if cfg.encrypted and passphrase is None and sys.stdin.isatty():
+        passphrase = getpass.getpass("Keystore passphrase: ")
+    configure_process()
+    try:
+        asyncio.run(serve(cfg, passphrase))
+    except FiPeerError as exc:
+        from fi_peer.daemon import DaemonError
+
+        _fail(str(exc), 1 if isinstance(exc, DaemonError) else 2)
+
+
+def _client(config: Path | None, state_dir: Path | None) -> object:
+    from fi_peer.config import load_config
+    from fi_peer.control import ControlClient
+
+    try:
+        cfg = load_config(_config_path(config, state_dir))
+        return ControlClient.from_state_dir(cfg.control_file)
+    except FiPeerError as exc:
+        _fail(str(exc), 1)
+
+
+def _load_input(path: Path) -> object:
+    """A .npy or .json file -> a nested list of numbers."""
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False).tolist()
+        if suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return doc.get("input") if isinstance(doc, dict) else doc
+    except FileNotFoundError:
+        _fail(f"no input file {path}")
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+    _fail(f"input must be a .npy or .json file, got {path.name!r}")
+
+
+@app.command()
+def query(
+    input_file: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="A .npy or .json array: one input or rows.")
+    ],
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    rule: Annotated[str | None, typer.Option(help="Aggregation rule (default: config).")] = None,
+    k: Annotated[int | None, typer.Option(min=1, max=64, help="Committee size.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.1, max=110, help="Deadline in seconds.")
+    ] = None,
+    max_price_wei: Annotated[
+        int | None, typer.Option(min=0, help="Most to pay one member, in wei.")
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Differential privacy per query (0: no noise; default: config)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """Ask the network through your running daemon; prints the collective answer,
+    the contributing peers and timings. Exit 1 if a query failed.
+
+    Example:  fi-peer query digit.npy --state-dir ./alice --k 4
+    """
+    from fi_peer.control import ControlClient
+
+    client = _client(config, state_dir)
+    assert isinstance(client, ControlClient)
+    body: dict[str, object] = {"input": _load_input(input_file)}
+    for key, value in (
+        ("rule", rule),
+        ("k", k),
+        ("timeout_s", timeout),
+        ("max_price_wei", max_price_wei),
+        ("epsilon", epsilon),
+    ):
+        if value is not None:
+            body[key] = value
+    try:
+        answer = client.post("/v1/query", body, timeout=(timeout or 110.0) + 10.0)
+    except FiPeerError as exc:
+        _fail(str(exc), 1)
+    results = answer.get("results", [])
+    if as_json:
+        print(json.dumps(answer, indent=2))
+    else:
+        _print_answer(answer)
+    if not results or not all(r.get("ok") for r in results):
+        raise typer.Exit(1)
+
+
+def _print_answer(answer: dict[str, object]) -> None:
+    results = answer.get("results")
+    assert isinstance(results, list)
+    for i, r in enumerate(results):
+        prefix = f"[{i}] " if len(results) > 1 else ""
+        if r.get("ok"):
+            dist = r.get("distribution") or []
+            label = r.get("label")
+            p = dist[label] if isinstance(label, int) and label < len(dist) else float("nan")
+            contributors = r.get("contributors", [])
+            out.print(
+                f"{prefix}answer [bold green]{label}[/] (p={p:.2f}), rule {answer.get('rule')}, "
+                f"{len(contributors)} of {r.get('committee_size')} committee members + this peer"
+            )
+            out.print(f"{prefix}contributors " + " ".join(c[:12] for c in contributors))
+        else:
+            out.print(f"{prefix}[bold red]failed[/]: {r.get('reason')}")
+        out.print(
+            f"{prefix}timings  protocol {r.get('elapsed_ms')} ms, "
+            f"at the daemon {float(r.get('wall_ms', 0.0)):.0f} ms"
+        )
+    secagg = "secure aggregation" if answer.get("secure_aggregation") else "plaintext shares"
+    out.print(f"privacy  epsilon {answer.get('epsilon')} per query, {secagg}")
+    timings = answer.get("timings")
+    if isinstance(timings, dict) and len(results) > 1:
+        out.print(f"total {float(timings.get('total_ms', 0.0)):.0f} ms for {len(results)} inputs")
+
+
+@app.command()
+def peers(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the peers your running daemon knows (from their announcements)."""
+    from fi_peer.control import ControlClient
+
+    client = _client(config, state_dir)
+    assert isinstance(client, ControlClient)
+    try:
+        doc = client.get("/v1/peers")
+    except FiPeerError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    rows = doc.get("peers", [])
+    table = Table(title=f"{len(rows)} peers known to {str(doc.get('peer_id', ''))[:12]}")
+    for column in ("peer", "connected", "last seen", "price (wei)", "model", "address"):
+        table.add_column(column)
+    for row in rows:
+        addresses = row.get("addresses") or ["-"]
+        table.add_row(
+            row["peer_id"][:12],
+            "yes" if row.get("connected") else "no",
+            f"{row.get('last_seen_ms', 0) / 1000:.1f} s ago",
+            str(row.get("price_wei")),
+            f"{row.get('task')}/{row.get('arch')}",
+            addresses[0],
+        )
+    out.print(table)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what your running daemon is doing."""
+    from fi_peer.control import ControlClient
+
+    client = _client(config, state_dir)
+    assert isinstance(client, ControlClient)
+    try:
+        doc = client.get("/v1/status")
+    except FiPeerError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    t = doc.get("transport", {})
+    m = doc.get("model", {})
+    q = doc.get("queries", {})
+    out.print(f"peer      {doc.get('name')} {doc.get('peer_id')} (pid {doc.get('pid')})")
+    out.print(f"net       {doc.get('net')} over {t.get('kind')}, up {doc.get('uptime_s', 0):.0f} s")
+    for address in t.get("addresses", []):
+        out.print(f"address   {address}")
+    out.print(f"peers     {doc.get('membership')} known, {t.get('connected')} connected")
+    out.print(f"model     {m.get('task')}/{m.get('arch')} {str(m.get('sha256', ''))[:16]}")
+    out.print(
+        f"queries   {q.get('ok', 0)} asked ok, {q.get('failed', 0)} failed; "
+        f"{doc.get('answered', 0)} answered for others"
+    )
+    p = doc.get("privacy", {})
+    if p:
+        spent = p.get("global_epsilon_spent")
+        out.print(
+            f"privacy   epsilon {p.get('epsilon_per_query')} per query asked; budget "
+            f"{p.get('per_querier_epsilon')} per querier, {p.get('global_epsilon')} in all"
+            + (f", {spent:.2f} spent this epoch" if isinstance(spent, float) else "")
         )
 
 

@@ -1,11 +1,68 @@
-"""A peer's configuration file (TOML), as written by ``fi-peer init``.
+"""A peer's configuration file (TOML), as written by ``fi-peer init`` and read by ``fi-peer run``.
 
-Relative paths are relative to the config file's folder (the state dir), so a
-state dir can be moved as a whole.
+Relative paths are relative to the config file's folder, so a state dir can be
+moved as a whole. Every section and key is optional (defaults below); an
+unknown key in a known section is an error (a typo must not be ignored
+silently), while unknown top-level tables are left to the layers that own
+them. Example::
+
+    version = 1
+
+    [peer]
+    name = "alice"
+    net = "local"              # peers only meet inside one net
+    state_dir = "."            # control file, lock, logs (relative to this file)
+
+    [keys]
+    keystore = "keystore.json"
+    encrypted = true           # false: written by `init --insecure-plaintext-keys`
+
+    [model]
+    path = "model.pt"
+
+    [market]
+    price_wei = 0
+    capacity = 64              # queries answered at the same time
+
+    [network]
+    transport = "libp2p"       # or "mqtt"
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    bootstrap = ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW..."]
+    mdns = false
+    broker = "mqtt://127.0.0.1:1883"
+    embedded_broker = false    # true: this daemon runs an in-process amqtt broker at `broker`
+    announce_interval_ms = 2000
+    missed_beats = 3           # a peer silent this many intervals expires
+
+    [control]
+    host = "127.0.0.1"         # loopback only
+    port = 0                   # 0: any free port (written to <state_dir>/control.json)
+
+    [query]
+    rule = "evidence"
+    k = 4
+    timeout_s = 10.0
+    offer_window_ms = 1000
+    min_committee = 2
+    max_concurrent = 16
+    max_price_wei = 0          # the most this peer pays one member per query
+
+    [privacy]
+    epsilon = 2.0              # per query this peer asks (0: no DP noise)
+    delta = 1e-5
+    secure_aggregation = true  # ask for masked shares (the querier sees only the sum)
+    allow_plaintext = false    # answer queries that are not securely aggregated
+    per_querier_epsilon = 20.0 # budget per querier and epoch ("inf": unlimited)
+    global_epsilon = 200.0     # budget over all queriers per epoch
+    epoch_s = 86400
+    max_query_epsilon = 8.0    # refuse queries asking for a larger epsilon
+    ledger = "budget.sqlite"   # the persistent budget ledger (relative to state_dir)
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import tempfile
 import tomllib
@@ -18,63 +75,280 @@ import tomli_w
 from fi_peer.errors import ConfigError
 
 CONFIG_VERSION = 1
+TRANSPORTS = ("libp2p", "mqtt")
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+MAX_K = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerConfig:
     name: str = "peer"
     net: str = "local"
+    state_dir: Path = Path(".")
     keystore: Path = Path("keystore.json")
     encrypted: bool = True
     model: Path | None = None
     price_wei: int = 0
     capacity: int = 64
+    # [network]
+    transport: str = "libp2p"
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = False
+    broker: str = DEFAULT_BROKER
+    embedded_broker: bool = False
+    announce_interval_ms: int = 2000
+    missed_beats: int = 3
+    # [control]
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    # [query]
+    rule: str = "evidence"
+    k: int = 4
+    query_timeout_s: float = 10.0
+    offer_window_ms: int = 1000
+    min_committee: int = 2
+    max_concurrent: int = 16
+    max_price_wei: int = 0
+    # [privacy]
+    epsilon: float = 2.0
+    delta: float = 1e-5
+    secure_aggregation: bool = True
+    allow_plaintext: bool = False
+    per_querier_epsilon: float = 20.0
+    global_epsilon: float = 200.0
+    epoch_s: int = 86_400
+    max_query_epsilon: float = 8.0
+    ledger: Path = Path("budget.sqlite")
 
     def __post_init__(self) -> None:
         if not self.name or not self.net.isascii() or "/" in self.net or not self.net:
             raise ConfigError("name and net must be non-empty; net is ASCII without '/'")
+        if any(c in self.net for c in "+#$ \x00"):
+            raise ConfigError("net must not contain '+', '#', '$', spaces or NUL")
         if self.price_wei < 0 or self.capacity < 1:
             raise ConfigError("price_wei must be >= 0 and capacity >= 1")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"network.transport must be one of {', '.join(TRANSPORTS)}")
+        if self.transport == "libp2p" and not self.listen:
+            raise ConfigError("network.listen needs at least one address for libp2p")
+        if not self.broker.startswith("mqtt://"):
+            raise ConfigError(
+                f"network.broker must be an mqtt://host:port URL, got {self.broker!r}"
+            )
+        if not 100 <= self.announce_interval_ms <= 3_600_000 or not 1 <= self.missed_beats <= 100:
+            raise ConfigError("announce_interval_ms must be 100..3600000 and missed_beats 1..100")
+        if not _is_loopback(self.control_host):
+            raise ConfigError(
+                f"control.host must be a loopback address (the API has no TLS), got "
+                f"{self.control_host!r}"
+            )
+        if not 0 <= self.control_port <= 65535:
+            raise ConfigError("control.port must be 0..65535")
+        if not 1 <= self.k <= MAX_K or not 1 <= self.min_committee <= MAX_K:
+            raise ConfigError(f"query.k and query.min_committee must be 1..{MAX_K}")
+        if not 0.1 <= self.query_timeout_s <= 110 or not 10 <= self.offer_window_ms <= 60_000:
+            raise ConfigError("query.timeout_s must be 0.1..110 and offer_window_ms 10..60000")
+        if self.max_price_wei < 0:
+            raise ConfigError("query.max_price_wei must be >= 0")
+        if not (0 <= self.epsilon < math.inf) or not 0 < self.delta < 1:
+            raise ConfigError("privacy.epsilon must be >= 0 and finite, delta in (0, 1)")
+        for key in ("per_querier_epsilon", "global_epsilon", "max_query_epsilon"):
+            value = getattr(self, key)
+            if math.isnan(value) or value < 0:
+                raise ConfigError(f"privacy.{key} must be >= 0 (inf: unlimited)")
+        if self.epoch_s < 1:
+            raise ConfigError("privacy.epoch_s must be >= 1")
+        if not 1 <= self.max_concurrent <= 10_000:
+            raise ConfigError("query.max_concurrent must be 1..10000")
+
+    @property
+    def ledger_file(self) -> Path:
+        """The owner's persistent privacy budget ledger."""
+        return self.state_dir / self.ledger
+
+    @property
+    def control_file(self) -> Path:
+        """Where a running daemon writes its control URL and token (mode 0600)."""
+        return self.state_dir / "control.json"
 
     def to_toml(self) -> dict[str, Any]:
         peer: dict[str, Any] = {"name": self.name, "net": self.net}
+        if self.state_dir != Path("."):
+            peer["state_dir"] = str(self.state_dir)
         keys = {"keystore": str(self.keystore), "encrypted": self.encrypted}
         market = {"price_wei": self.price_wei, "capacity": self.capacity}
         doc: dict[str, Any] = {"version": CONFIG_VERSION, "peer": peer, "keys": keys}
         if self.model is not None:
             doc["model"] = {"path": str(self.model)}
         doc["market"] = market
+        doc["network"] = {
+            "transport": self.transport,
+            "listen": list(self.listen),
+            "bootstrap": list(self.bootstrap),
+            "mdns": self.mdns,
+            "broker": self.broker,
+            "embedded_broker": self.embedded_broker,
+            "announce_interval_ms": self.announce_interval_ms,
+            "missed_beats": self.missed_beats,
+        }
+        doc["control"] = {"host": self.control_host, "port": self.control_port}
+        doc["query"] = {
+            "rule": self.rule,
+            "k": self.k,
+            "timeout_s": self.query_timeout_s,
+            "offer_window_ms": self.offer_window_ms,
+            "min_committee": self.min_committee,
+            "max_concurrent": self.max_concurrent,
+            "max_price_wei": self.max_price_wei,
+        }
+        doc["privacy"] = {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "secure_aggregation": self.secure_aggregation,
+            "allow_plaintext": self.allow_plaintext,
+            "per_querier_epsilon": self.per_querier_epsilon,
+            "global_epsilon": self.global_epsilon,
+            "epoch_s": self.epoch_s,
+            "max_query_epsilon": self.max_query_epsilon,
+            "ledger": str(self.ledger),
+        }
         return doc
 
 
-def _get(table: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_SECTIONS: dict[str, frozenset[str]] = {
+    "peer": frozenset({"name", "net", "state_dir"}),
+    "keys": frozenset({"keystore", "encrypted"}),
+    "model": frozenset({"path"}),
+    "market": frozenset({"price_wei", "capacity"}),
+    "network": frozenset(
+        {
+            "transport",
+            "listen",
+            "bootstrap",
+            "mdns",
+            "broker",
+            "embedded_broker",
+            "announce_interval_ms",
+            "missed_beats",
+        }
+    ),
+    "control": frozenset({"host", "port"}),
+    "query": frozenset(
+        {
+            "rule",
+            "k",
+            "timeout_s",
+            "offer_window_ms",
+            "min_committee",
+            "max_concurrent",
+            "max_price_wei",
+        }
+    ),
+    "privacy": frozenset(
+        {
+            "epsilon",
+            "delta",
+            "secure_aggregation",
+            "allow_plaintext",
+            "per_querier_epsilon",
+            "global_epsilon",
+            "epoch_s",
+            "max_query_epsilon",
+            "ledger",
+        }
+    ),
+}
+
+
+def _get(table: dict[str, Any], key: str, kind: type, default: Any, section: str = "") -> Any:
     value = table.get(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be a {kind.__name__}")
+        where = f"{section}.{key}" if section else key
+        raise ConfigError(f"{where} must be a {kind.__name__}")
     return value
+
+
+def _strings(
+    table: dict[str, Any], key: str, default: tuple[str, ...], section: str
+) -> tuple[str, ...]:
+    value = table.get(key, list(default))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{section}.{key} must be a list of strings")
+    return tuple(value)
 
 
 def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
     if doc.get("version") != CONFIG_VERSION:
         raise ConfigError(f"unsupported config version {doc.get('version')!r}")
-    peer, keys = doc.get("peer", {}), doc.get("keys", {})
-    model, market = doc.get("model", {}), doc.get("market", {})
-    for section in (peer, keys, model, market):
-        if not isinstance(section, dict):
-            raise ConfigError("config sections must be tables")
-    model_path = _get(model, "path", str, "")
+    tables: dict[str, dict[str, Any]] = {}
+    for section, known in _SECTIONS.items():
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) in [{section}]: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        tables[section] = table
+    peer, keys, model, market = tables["peer"], tables["keys"], tables["model"], tables["market"]
+    network, control, query = tables["network"], tables["control"], tables["query"]
+    privacy = tables["privacy"]
+    model_path = _get(model, "path", str, "", "model")
     return PeerConfig(
-        name=_get(peer, "name", str, "peer"),
-        net=_get(peer, "net", str, "local"),
-        keystore=base / _get(keys, "keystore", str, "keystore.json"),
-        encrypted=_get(keys, "encrypted", bool, True),
+        name=_get(peer, "name", str, "peer", "peer"),
+        net=_get(peer, "net", str, "local", "peer"),
+        state_dir=base / _get(peer, "state_dir", str, ".", "peer"),
+        keystore=base / _get(keys, "keystore", str, "keystore.json", "keys"),
+        encrypted=_get(keys, "encrypted", bool, True, "keys"),
         model=(base / model_path) if model_path else None,
-        price_wei=_get(market, "price_wei", int, 0),
-        capacity=_get(market, "capacity", int, 64),
+        price_wei=_get(market, "price_wei", int, 0, "market"),
+        capacity=_get(market, "capacity", int, 64, "market"),
+        transport=_get(network, "transport", str, "libp2p", "network"),
+        listen=_strings(network, "listen", DEFAULT_LISTEN, "network"),
+        bootstrap=_strings(network, "bootstrap", (), "network"),
+        mdns=_get(network, "mdns", bool, False, "network"),
+        broker=_get(network, "broker", str, DEFAULT_BROKER, "network"),
+        embedded_broker=_get(network, "embedded_broker", bool, False, "network"),
+        announce_interval_ms=_get(network, "announce_interval_ms", int, 2000, "network"),
+        missed_beats=_get(network, "missed_beats", int, 3, "network"),
+        control_host=_get(control, "host", str, "127.0.0.1", "control"),
+        control_port=_get(control, "port", int, 0, "control"),
+        rule=_get(query, "rule", str, "evidence", "query"),
+        k=_get(query, "k", int, 4, "query"),
+        query_timeout_s=_get(query, "timeout_s", float, 10.0, "query"),
+        offer_window_ms=_get(query, "offer_window_ms", int, 1000, "query"),
+        min_committee=_get(query, "min_committee", int, 2, "query"),
+        max_concurrent=_get(query, "max_concurrent", int, 16, "query"),
+        max_price_wei=_get(query, "max_price_wei", int, 0, "query"),
+        epsilon=_get(privacy, "epsilon", float, 2.0, "privacy"),
+        delta=_get(privacy, "delta", float, 1e-5, "privacy"),
+        secure_aggregation=_get(privacy, "secure_aggregation", bool, True, "privacy"),
+        allow_plaintext=_get(privacy, "allow_plaintext", bool, False, "privacy"),
+        per_querier_epsilon=_get(privacy, "per_querier_epsilon", float, 20.0, "privacy"),
+        global_epsilon=_get(privacy, "global_epsilon", float, 200.0, "privacy"),
+        epoch_s=_get(privacy, "epoch_s", int, 86_400, "privacy"),
+        max_query_epsilon=_get(privacy, "max_query_epsilon", float, 8.0, "privacy"),
+        ledger=Path(_get(privacy, "ledger", str, "budget.sqlite", "privacy")),
     )
 
 
 def load_config(path: Path) -> PeerConfig:
+    path = Path(path)
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
@@ -82,7 +356,7 @@ def load_config(path: Path) -> PeerConfig:
         raise ConfigError(f"no config at {path} (run `fi-peer init` first)") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    return parse_config(doc, path.parent)
+    return parse_config(doc, path.parent.absolute())
 
 
 def write_config(path: Path, config: PeerConfig) -> None:
