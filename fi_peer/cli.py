@@ -165,13 +165,20 @@ def demo(
         str, typer.Option(help="Aggregation rule: evidence, gated, support, entropy, soft, vote.")
     ] = "evidence",
     epochs: Annotated[int, typer.Option(min=1, max=1000, help="Training epochs per model.")] = 50,
+    epsilon: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Per-query DP epsilon (delta 1e-5); 0: no noise, answers still masked."
+        ),
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a whole FI network in one process and compare single, collective and pooled accuracy.
 
     Each peer trains its own model on a Dirichlet(alpha) non-IID slice of the digits
     data; queries go from random peers through the real protocol (signed envelopes,
-    sealed inputs, offers, shares, receipts) over the in-memory transport.
+    sealed inputs, offers, secure aggregation with DP noise, receipts) over the
+    in-memory transport. Each owner keeps a privacy ledger of what it spent.
 
     Example:  fi-peer demo --peers 10 --alpha 0.1 --queries 300 --seed 1
     """
@@ -181,7 +188,14 @@ def demo(
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core free
     settings = DemoSettings(
-        peers=peers, alpha=alpha, queries=queries, seed=seed, k=k, rule=rule, epochs=epochs
+        peers=peers,
+        alpha=alpha,
+        queries=queries,
+        seed=seed,
+        k=k,
+        rule=rule,
+        epochs=epochs,
+        epsilon=epsilon,
     )
     if k is not None and k > peers - 1:
         _fail(f"--k must be at most peers - 1 = {peers - 1}")
@@ -255,12 +269,50 @@ def _print_report(report: object) -> None:
         f"{report.answered}/{s.queries} queries answered"
         + (f", {failed} failed: {report.failures}" if failed else "")
     )
+    if s.epsilon > 0:
+        spent = max(report.epsilon_spent, default=0.0)
+        out.print(
+            f"privacy: secure aggregation, DP epsilon {s.epsilon:g} per query (delta {s.delta:g}); "
+            f"the most any owner spent over the run: epsilon {spent:.1f}"
+        )
+    else:
+        out.print("privacy: secure aggregation, no DP noise (--epsilon 0)")
     lat = report.latency_ms
     if lat:
         out.print(
             f"latency p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, p99 {lat['p99']:.0f} ms; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())
         )
+
+
+@app.command()
+def explorer(
+    rpc: Annotated[str, typer.Option(help="The chain's JSON-RPC URL.")],
+    contract: Annotated[str, typer.Option(help="QueryEscrow address.")],
+    registry: Annotated[
+        str | None, typer.Option(help="PeerRegistry address (peers' keys, stake).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free).")] = 8090,
+    index: Annotated[
+        Path | None, typer.Option(help="sqlite file for the event index (default: in memory).")
+    ] = None,
+) -> None:
+    """Web page of the settlements on chain: queries, payouts, peers, blocks, transactions.
+
+    It reads only the chain, so it works for any deployment of the contracts.
+
+    Example:  fi-peer explorer --rpc http://127.0.0.1:8545 --contract 0x5FbDB...80aa3
+    """
+    from fi_peer.explorer import main as explorer_main
+
+    argv = ["--rpc", rpc, "--contract", contract, "--host", host, "--port", str(port)]
+    if registry:
+        argv += ["--registry", registry]
+    if index is not None:
+        argv += ["--index", str(index)]
+    if code := explorer_main(argv):
+        raise typer.Exit(code)
 
 
 # -- the daemon and its control API -------------------------------------------------------
