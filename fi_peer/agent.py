@@ -12,6 +12,9 @@ one ``asyncio.TaskGroup``:
 - ``charge``: records each answer's privacy cost in the owner's budget (a
   durable write, off the loop) and only then lets the core send the share
 - ``outbound``: hands sealed bytes to the transport (bounded queue)
+- one short task per chain call of a paid query (``OpenEscrow``,
+  ``VerifyEscrow``, a kept receipt, a settlement), awaited off the handler
+  so other queries go on meanwhile; see :class:`ChainAdapter`
 
 Privacy: queries are securely aggregated by default (the core's config).
 ``query(..., epsilon=, delta=)`` calibrates the Gaussian noise of the sum for
@@ -36,8 +39,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Hashable, Iterable
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -50,13 +53,17 @@ from fi_peer.protocol.effects import (
     Charge,
     Effect,
     Evaluate,
+    OpenEscrow,
+    Paid,
     Publish,
     QueryDone,
     QueryOutcome,
     Send,
     SetTimer,
+    VerifyEscrow,
 )
-from fi_peer.protocol.messages import QueryRequest
+from fi_peer.protocol.messages import QueryRequest, Receipt
+from fi_peer.protocol.payment import EscrowTerms
 from fi_peer.protocol.peer import PeerCore
 from network.base import Subscription, Transport, TransportError
 
@@ -75,6 +82,30 @@ class ModelBackend(Protocol):
         ...
 
     def vector_length(self, rule: str) -> int: ...
+
+
+class ChainAdapter(Protocol):
+    """What the agent needs of the chain for paid queries (fi_peer.settlement.Settler).
+
+    Every method is awaited in its own task: a slow chain delays only its query.
+    ``open_escrow``/``verify_escrow`` answer False on any failure (never raise).
+    """
+
+    async def open_escrow(self, terms: EscrowTerms) -> bool: ...
+
+    async def verify_escrow(self, terms: EscrowTerms) -> bool: ...
+
+    async def on_paid(self, querier: str, terms: EscrowTerms, receipt: Receipt) -> None:
+        """Keep a verified receipt (durably) for a later claim."""
+        ...
+
+    async def on_outcome(self, outcome: QueryOutcome) -> None:
+        """A paid query of ours ended: settle what it delivered (``outcome.escrow``)."""
+        ...
+
+    async def on_abandoned(self, terms: EscrowTerms) -> None:
+        """Our escrow opened after its query had ended: settle it with nobody delivered."""
+        ...
 
 
 class LedgerGuard:
@@ -162,6 +193,7 @@ class Agent:
         clock: Clock = time.time,
         max_batch: int = 64,
         queue_size: int = 10_000,
+        chain: ChainAdapter | None = None,
     ) -> None:
         if transport.local_id != core.peer_id:
             raise LocalProtocolError("transport and core must belong to the same peer")
@@ -183,6 +215,8 @@ class Agent:
         self._ready = asyncio.Event()
         self._membership_changed = asyncio.Event()
         self._closed = False
+        self.chain = chain
+        self._chain_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------
     @property
@@ -238,6 +272,10 @@ class Agent:
             return
         self._closed = True
         runner, self._runner = self._runner, None
+        for task in list(self._chain_tasks):
+            task.cancel()
+        if self._chain_tasks:
+            await asyncio.gather(*self._chain_tasks, return_exceptions=True)
         if runner is not None:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -342,10 +380,54 @@ class Agent:
                 case Charge():
                     if not self._enqueue(self._charges, effect, "dropped.charges_full"):
                         self._apply(self.core.charged(effect, "charge_queue_full", self.now_ms()))
+                case OpenEscrow(terms):
+                    self._chain_task(self._open_escrow(terms))
+                case VerifyEscrow(querier, terms):
+                    self._chain_task(self._verify_escrow(querier, terms))
+                case Paid(querier, terms, receipt):
+                    if self.chain is not None:
+                        self._chain_task(self.chain.on_paid(querier, terms, receipt))
                 case QueryDone(outcome):
                     future = self._pending.get(outcome.query_id)
                     if future is not None and not future.done():
                         future.set_result(outcome)
+                    if outcome.escrow is not None and self.chain is not None:
+                        self._chain_task(self.chain.on_outcome(outcome))
+
+    # -- chain (paid queries) ----------------------------------------------------------
+    def _chain_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._chain_call(work))
+        self._chain_tasks.add(task)
+        task.add_done_callback(self._chain_tasks.discard)
+
+    async def _chain_call(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.core.metrics["chain.internal_error"] += 1
+            log.exception("chain call failed")
+
+    async def _open_escrow(self, terms: EscrowTerms) -> None:
+        ok = False
+        if self.chain is not None:
+            try:
+                ok = await self.chain.open_escrow(terms)
+            except Exception:
+                log.exception("opening an escrow failed")
+        if ok and terms.query_id not in self.core.queries and self.chain is not None:
+            await self.chain.on_abandoned(terms)  # the query ended while we escrowed
+        self._guarded(self.core.escrow_opened, terms.query_id, ok, self.now_ms())
+
+    async def _verify_escrow(self, querier: str, terms: EscrowTerms) -> None:
+        ok = False
+        if self.chain is not None:
+            try:
+                ok = await self.chain.verify_escrow(terms)
+            except Exception:
+                log.exception("checking an escrow failed")
+        self._guarded(self.core.escrow_verified, (querier, terms.query_id), ok, self.now_ms())
 
     def _enqueue(
         self,

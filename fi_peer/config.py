@@ -57,6 +57,22 @@ them. Example::
     epoch_s = 86400
     max_query_epsilon = 8.0    # refuse queries asking for a larger epsilon
     ledger = "budget.sqlite"   # the persistent budget ledger (relative to state_dir)
+
+    [chain]                    # absent (or no rpc_url): queries are not paid on chain
+    rpc_url = "http://127.0.0.1:8545"
+    deployment = "deployment.json"  # written by the deploy step (relative to this file)
+    # or, instead of a deployment file:
+    # chain_id = 31337
+    # escrow = "0x..."
+    # registry = "0x..."
+    eth_key_file = "eth.key"   # hex private key, mode 0600 (relative to this file)
+    eth_key_env = "FI_PEER_ETH_KEY"  # used when eth_key_file is not set
+    settle_every_queries = 10  # the querier settles in one batch every N paid queries
+    settle_every_s = 5.0       # ... or every T seconds, whichever comes first
+    claim_every_s = 10.0       # members claim unsettled receipts after the deadline
+    settle_window_s = 60       # on-chain deadline = answer deadline + this
+    auto_withdraw = false      # members withdraw their credit after each claim round
+    receipts = "receipts.sqlite"  # kept receipts (relative to state_dir)
 """
 
 from __future__ import annotations
@@ -79,6 +95,70 @@ TRANSPORTS = ("libp2p", "mqtt")
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 MAX_K = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainConfig:
+    """``[chain]``: paying for queries on an EVM chain (see fi_peer.settlement)."""
+
+    rpc_url: str
+    deployment: Path | None = None
+    chain_id: int = 0
+    escrow: str = ""
+    registry: str = ""
+    eth_key_file: Path | None = None
+    eth_key_env: str = "FI_PEER_ETH_KEY"
+    settle_every_queries: int = 10
+    settle_every_s: float = 5.0
+    claim_every_s: float = 10.0
+    settle_window_s: int = 60
+    auto_withdraw: bool = False
+    receipts: Path = Path("receipts.sqlite")
+
+    def __post_init__(self) -> None:
+        if not self.rpc_url.startswith(("http://", "https://")):
+            raise ConfigError(f"chain.rpc_url must be an http(s) URL, got {self.rpc_url!r}")
+        direct = bool(self.escrow or self.registry or self.chain_id)
+        if (self.deployment is None) == (not direct):
+            raise ConfigError(
+                "chain needs either a deployment file or chain_id, escrow and registry"
+            )
+        if direct and not (self.chain_id > 0 and _is_address(self.escrow)):
+            raise ConfigError("chain.chain_id must be > 0 and chain.escrow an 0x address")
+        if direct and not _is_address(self.registry):
+            raise ConfigError("chain.registry must be an 0x address")
+        if self.eth_key_file is None and not self.eth_key_env:
+            raise ConfigError("chain needs eth_key_file or eth_key_env")
+        if not 1 <= self.settle_every_queries <= 10_000:
+            raise ConfigError("chain.settle_every_queries must be 1..10000")
+        if not 0.1 <= self.settle_every_s <= 86_400 or not 0.1 <= self.claim_every_s <= 86_400:
+            raise ConfigError("chain.settle_every_s and claim_every_s must be 0.1..86400")
+        if not 1 <= self.settle_window_s <= 30 * 86_400:
+            raise ConfigError("chain.settle_window_s must be 1..2592000")
+
+    def to_toml(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"rpc_url": self.rpc_url}
+        if self.deployment is not None:
+            doc["deployment"] = str(self.deployment)
+        else:
+            doc |= {"chain_id": self.chain_id, "escrow": self.escrow, "registry": self.registry}
+        if self.eth_key_file is not None:
+            doc["eth_key_file"] = str(self.eth_key_file)
+        return doc | {
+            "eth_key_env": self.eth_key_env,
+            "settle_every_queries": self.settle_every_queries,
+            "settle_every_s": self.settle_every_s,
+            "claim_every_s": self.claim_every_s,
+            "settle_window_s": self.settle_window_s,
+            "auto_withdraw": self.auto_withdraw,
+            "receipts": str(self.receipts),
+        }
+
+
+def _is_address(value: str) -> bool:
+    return len(value) == 42 and value.startswith("0x") and all(
+        c in "0123456789abcdefABCDEF" for c in value[2:]
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +201,8 @@ class PeerConfig:
     epoch_s: int = 86_400
     max_query_epsilon: float = 8.0
     ledger: Path = Path("budget.sqlite")
+    # [chain] (None: queries are not paid on chain)
+    chain: ChainConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.net.isascii() or "/" in self.net or not self.net:
@@ -169,6 +251,11 @@ class PeerConfig:
         return self.state_dir / self.ledger
 
     @property
+    def receipts_file(self) -> Path | None:
+        """The chain ReceiptStore's sqlite file (None without a chain)."""
+        return None if self.chain is None else self.state_dir / self.chain.receipts
+
+    @property
     def control_file(self) -> Path:
         """Where a running daemon writes its control URL and token (mode 0600)."""
         return self.state_dir / "control.json"
@@ -214,6 +301,8 @@ class PeerConfig:
             "max_query_epsilon": self.max_query_epsilon,
             "ledger": str(self.ledger),
         }
+        if self.chain is not None:
+            doc["chain"] = self.chain.to_toml()
         return doc
 
 
@@ -268,7 +357,49 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "ledger",
         }
     ),
+    "chain": frozenset(
+        {
+            "rpc_url",
+            "deployment",
+            "chain_id",
+            "escrow",
+            "registry",
+            "eth_key_file",
+            "eth_key_env",
+            "settle_every_queries",
+            "settle_every_s",
+            "claim_every_s",
+            "settle_window_s",
+            "auto_withdraw",
+            "receipts",
+        }
+    ),
 }
+
+
+def _chain(table: dict[str, Any], base: Path) -> ChainConfig | None:
+    rpc_url = _get(table, "rpc_url", str, "", "chain")
+    if not rpc_url:
+        if table:
+            raise ConfigError("chain.rpc_url is required in [chain]")
+        return None
+    deployment = _get(table, "deployment", str, "", "chain")
+    key_file = _get(table, "eth_key_file", str, "", "chain")
+    return ChainConfig(
+        rpc_url=rpc_url,
+        deployment=(base / deployment) if deployment else None,
+        chain_id=_get(table, "chain_id", int, 0, "chain"),
+        escrow=_get(table, "escrow", str, "", "chain"),
+        registry=_get(table, "registry", str, "", "chain"),
+        eth_key_file=(base / key_file) if key_file else None,
+        eth_key_env=_get(table, "eth_key_env", str, "FI_PEER_ETH_KEY", "chain"),
+        settle_every_queries=_get(table, "settle_every_queries", int, 10, "chain"),
+        settle_every_s=_get(table, "settle_every_s", float, 5.0, "chain"),
+        claim_every_s=_get(table, "claim_every_s", float, 10.0, "chain"),
+        settle_window_s=_get(table, "settle_window_s", int, 60, "chain"),
+        auto_withdraw=_get(table, "auto_withdraw", bool, False, "chain"),
+        receipts=Path(_get(table, "receipts", str, "receipts.sqlite", "chain")),
+    )
 
 
 def _get(table: dict[str, Any], key: str, kind: type, default: Any, section: str = "") -> Any:
@@ -344,6 +475,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
         epoch_s=_get(privacy, "epoch_s", int, 86_400, "privacy"),
         max_query_epsilon=_get(privacy, "max_query_epsilon", float, 8.0, "privacy"),
         ledger=Path(_get(privacy, "ledger", str, "budget.sqlite", "privacy")),
+        chain=_chain(tables["chain"], base),
     )
 
 

@@ -55,7 +55,11 @@ import numpy as np
 import numpy.typing as npt
 
 from fi_peer.agent import Agent, LedgerGuard
-from fi_peer.config import MAX_K, PeerConfig
+from fi_peer.chain.client import ChainClient, Deployment
+from fi_peer.chain.errors import ChainError
+from fi_peer.chain.store import ReceiptStore
+from fi_peer.chain.terms import checksum
+from fi_peer.config import MAX_K, ChainConfig, PeerConfig
 from fi_peer.control import (
     ControlInfo,
     ControlServer,
@@ -74,6 +78,7 @@ from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
 from fi_peer.protocol.responder import ResponderConfig
+from fi_peer.settlement import EthPayments, Settler
 from network.base import PeerUnreachable, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -146,6 +151,68 @@ def open_ledger(config: PeerConfig) -> BudgetLedger:
         epoch_s=config.epoch_s,
     )
     return BudgetLedger.open(config.ledger_file, limits)
+
+
+def load_eth_key(chain: ChainConfig) -> str:
+    """The peer's Ethereum private key (hex): from a file only its owner can read
+    (mode 0600), or from the environment variable ``chain.eth_key_env``."""
+    if chain.eth_key_file is not None:
+        try:
+            mode = chain.eth_key_file.stat().st_mode
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{chain.eth_key_file} is readable by others (mode {mode & 0o777:o}): "
+                    "chmod 600 it"
+                )
+            key = chain.eth_key_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the Ethereum key {chain.eth_key_file}: {exc}") from exc
+    else:
+        key = os.environ.get(chain.eth_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"no Ethereum key: set {chain.eth_key_env} or chain.eth_key_file")
+    body = key.removeprefix("0x")
+    if len(body) != 64 or any(c not in "0123456789abcdefABCDEF" for c in body):
+        raise ConfigError("the Ethereum key must be 32 bytes of hex")
+    return "0x" + body
+
+
+def open_chain(config: PeerConfig) -> tuple[Settler, EthPayments]:
+    """The chain client, receipt store, settler and receipt signer of ``[chain]``."""
+    chain = config.chain
+    assert chain is not None and config.receipts_file is not None
+    try:
+        if chain.deployment is not None:
+            deployment = Deployment.load(chain.deployment)
+        else:
+            deployment = Deployment(
+                chain_id=chain.chain_id,
+                escrow=checksum(chain.escrow),
+                registry=checksum(chain.registry),
+                block=0,
+                claim_grace_s=0,
+                min_stake_wei=0,
+                unbonding_s=0,
+            )
+        client = ChainClient.connect(chain.rpc_url, load_eth_key(chain), deployment)
+        config.receipts_file.parent.mkdir(parents=True, exist_ok=True)
+        store = ReceiptStore(config.receipts_file, client.receipt_domain)
+    except (ChainError, ValueError) as exc:
+        raise ConfigError(f"[chain]: {exc}") from exc
+    with contextlib.suppress(OSError):
+        config.receipts_file.chmod(0o600)
+    settler = Settler(
+        client,
+        store,
+        every_queries=chain.settle_every_queries,
+        every_s=chain.settle_every_s,
+        claim_every_s=chain.claim_every_s,
+        auto_withdraw=chain.auto_withdraw,
+    )
+    payments = EthPayments(
+        client.account, client.receipt_domain, settle_window_s=chain.settle_window_s
+    )
+    return settler, payments
 
 
 def protocol_card(runtime: ModelRuntime) -> ModelCard:
@@ -262,8 +329,11 @@ class Daemon:
         *,
         ledger: BudgetLedger | None = None,
         clock: Callable[[], float] = time.time,
+        settler: Settler | None = None,
+        payments: EthPayments | None = None,
     ) -> None:
         self.config = config
+        self.settler = settler
         self.identity = identity
         self.model = model
         self.transport = transport
@@ -290,8 +360,10 @@ class Daemon:
             if ledger is not None
             else None
         )
-        self.core = PeerCore(identity, protocol_card(model), config=core_config, guard=self.guard)
-        self.agent = Agent(self.core, transport, model, clock=clock)
+        self.core = PeerCore(
+            identity, protocol_card(model), config=core_config, guard=self.guard, payments=payments
+        )
+        self.agent = Agent(self.core, transport, model, clock=clock, chain=settler)
         self.started_at = time.monotonic()
         self.control: ControlServer | None = None
         self._broker: Any = None
@@ -306,7 +378,16 @@ class Daemon:
         identity = load_identity(config, passphrase)
         model = load_model(config)
         transport = make_transport(config, identity)
-        return cls(config, identity, model, transport, ledger=open_ledger(config))
+        settler, payments = open_chain(config) if config.chain is not None else (None, None)
+        return cls(
+            config,
+            identity,
+            model,
+            transport,
+            ledger=open_ledger(config),
+            settler=settler,
+            payments=payments,
+        )
 
     @property
     def peer_id(self) -> str:
@@ -341,6 +422,8 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch(), name="watch")
+                if self.settler is not None:
+                    tasks.create_task(self.settler.run(), name="settlement")
                 if cfg.transport == "libp2p":
                     for address in cfg.bootstrap:
                         tasks.create_task(self._bootstrap(address), name=f"bootstrap {address}")
@@ -365,6 +448,17 @@ class Daemon:
             except TransportError as exc:
                 raise DaemonError(str(exc)) from exc
             log.info("embedded MQTT broker (amqtt) on %s", cfg.broker)
+        if self.settler is not None:
+            try:
+                await self.settler.client.check_chain()
+            except ChainError as exc:
+                raise DaemonError(f"chain: {exc}") from exc
+            log.info(
+                "paying on chain %d as %s (escrow %s)",
+                self.settler.client.deployment.chain_id,
+                self.settler.client.address,
+                self.settler.client.deployment.escrow,
+            )
         # (the agent warms the members' RDP accountant up; this is the querier's side)
         if cfg.epsilon > 0 and cfg.rule in self.model.card.rules:
             with contextlib.suppress(LocalProtocolError):  # an unbounded rule: said per query
@@ -402,6 +496,16 @@ class Daemon:
             await _bounded("the embedded broker", self._broker.aclose(), 3.0)
         if self.ledger is not None:
             self.ledger.close()
+        if self.settler is not None:
+            # what the querier owes is settled now rather than left to claims
+            await _bounded("the last settlement", self._last_settlement(), 10.0)
+            await _bounded("the chain client", self.settler.client.aclose(), 3.0)
+            self.settler.store.close()
+
+    async def _last_settlement(self) -> None:
+        assert self.settler is not None
+        if self.settler.pending:
+            await self.settler.flush()
 
     # -- background tasks --
 
@@ -509,9 +613,23 @@ class Daemon:
             },
             "market": {"price_wei": self.config.price_wei, "capacity": self.config.capacity},
             "privacy": self._privacy_status(),
+            "chain": self._chain_status(),
             "queries": dict(self._queries),
             "answered": int(metrics.get("accepted.receipt", 0)),
             "metrics": {k: int(v) for k, v in sorted(metrics.items())},
+        }
+
+    def _chain_status(self) -> Json:
+        if self.settler is None:
+            return {"paid": False}
+        client = self.settler.client
+        return {
+            "paid": True,
+            "chain_id": client.deployment.chain_id,
+            "escrow": client.deployment.escrow,
+            "address": client.address,
+            "pending_settlements": len(self.settler.pending),
+            "metrics": {k: int(v) for k, v in sorted(self.settler.metrics.items())},
         }
 
     def _privacy_status(self) -> Json:
@@ -634,6 +752,14 @@ class Daemon:
             "elapsed_ms": outcome.elapsed_ms,
             "wall_ms": round(wall_ms, 3),
         }
+        if outcome.escrow is not None:
+            result["payment"] = {
+                "querier": outcome.escrow.querier,
+                "price_wei": outcome.escrow.price_wei,
+                "escrow_wei": outcome.escrow.escrow_wei,
+                "committee": list(outcome.escrow.committee),
+                "delivered": list(outcome.delivered),
+            }
         if outcome.ok and outcome.total is not None:
             label, distribution = decide(outcome.total, rule)
             result["label"] = label

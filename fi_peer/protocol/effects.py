@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from fi_peer.protocol.messages import QueryRequest
+from fi_peer.protocol.messages import QueryRequest, Receipt
+from fi_peer.protocol.payment import EscrowTerms
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -74,6 +75,35 @@ class Charge:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenEscrow:
+    """Paid query: escrow ``terms`` on chain (``openQuery``, k * price), then call
+    ``PeerCore.escrow_opened(terms.query_id, ok, now)``. No input leaves before
+    that; ``ok=False`` (or no answer before the deadline) fails the query."""
+
+    terms: EscrowTerms
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyEscrow:
+    """Paid query, member side: check that ``terms`` are escrowed on chain (and
+    open), then call ``PeerCore.escrow_verified((querier, query_id), ok, now)``.
+    The member evaluates and answers only after ``ok=True``."""
+
+    querier: str
+    terms: EscrowTerms
+
+
+@dataclass(frozen=True, slots=True)
+class Paid:
+    """Paid query, member side: a receipt whose signature checked out arrived;
+    keep it durably with its terms (a claim needs both)."""
+
+    querier: str
+    terms: EscrowTerms
+    receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True)
 class QueryOutcome:
     """How one query ended, as the querier sees it."""
 
@@ -84,6 +114,10 @@ class QueryOutcome:
     contributors: tuple[str, ...]
     committee_size: int
     elapsed_ms: int
+    # Paid queries: the escrowed terms (None: unpaid, or the escrow never opened)
+    # and the addresses of the members whose shares arrived (what to settle).
+    escrow: EscrowTerms | None = None
+    delivered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +127,6 @@ class QueryDone:
     outcome: QueryOutcome
 
 
-Effect = Publish | Send | SetTimer | Evaluate | Charge | QueryDone
+Effect = (
+    Publish | Send | SetTimer | Evaluate | Charge | OpenEscrow | VerifyEscrow | Paid | QueryDone
+)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from fi_peer.privacy.secagg import CIPHERTEXT_LEN, COMMIT_LEN, TAG_LEN
 from fi_peer.privacy.shamir import SHARE_LEN
+from fi_peer.protocol.payment import SIGNATURE_LEN, is_eth_address
 
 QUERY_ID_LEN = 16
 KEY_LEN = 32
@@ -113,6 +114,11 @@ def _nonneg(value: int, what: str, upper: int = 1 << 63) -> None:
 def _prob(value: float, what: str, upper: float) -> None:
     if not (math.isfinite(value) and 0.0 <= value <= upper):
         raise ValueError(f"{what} out of range")
+
+
+def _eth(value: str, what: str) -> None:
+    """An Ethereum address (0x + 40 hex digits), or empty when there is no chain."""
+    _require(value == "" or is_eth_address(value), f"bad {what}")
 
 
 def _mask_key(value: bytes) -> None:
@@ -237,6 +243,8 @@ class Offer:
     expected_latency_ms: int
     # this query's X25519 mask public key (secure aggregation); empty in plaintext mode
     mask_key: bytes = b""
+    # the account this member is paid to (empty when it is not paid on chain)
+    eth_address: str = ""
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -245,6 +253,7 @@ class Offer:
         _require(len(self.box_key) == KEY_LEN, "box_key must be 32 bytes")
         _nonneg(self.expected_latency_ms, "expected_latency_ms", 3_600_000)
         _mask_key(self.mask_key)
+        _eth(self.eth_address, "eth_address")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,12 +261,14 @@ class Member:
     peer_id: str
     box_key: bytes
     mask_key: bytes = b""
+    eth_address: str = ""  # from the member's Offer (empty: unpaid query)
 
     def __post_init__(self) -> None:
         _typed(self)
         _require(_is_peer_id(self.peer_id), "bad peer id")
         _require(len(self.box_key) == KEY_LEN, "box_key must be 32 bytes")
         _mask_key(self.mask_key)
+        _eth(self.eth_address, "eth_address")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,6 +286,10 @@ class Accept:
     escrow_ref: bytes
     noise_sigma: float
     sealed_input: bytes
+    # Paid queries: the querier's account and the escrow's on-chain deadline (unix
+    # seconds); with the committee's addresses and the price, the escrow's terms.
+    querier_eth: str = ""
+    escrow_deadline_s: int = 0
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -291,6 +306,11 @@ class Accept:
         _require(len(self.escrow_ref) <= 64, "escrow_ref too long")
         _prob(self.noise_sigma, "noise_sigma", 1e9)
         _require(0 < len(self.sealed_input) <= 4 * MAX_INPUT_DIM + 256, "sealed_input size")
+        _eth(self.querier_eth, "querier_eth")
+        _nonneg(self.escrow_deadline_s, "escrow_deadline_s")
+        paid = {m.eth_address != "" for m in self.committee} | {self.querier_eth != ""}
+        _require(len(paid) == 1, "addresses for the querier and every member, or for none")
+        _require((self.querier_eth != "") == (self.escrow_deadline_s > 0), "escrow deadline")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -431,6 +451,9 @@ class Receipt:
     member: str
     share_digest: bytes
     price_wei: int
+    # The querier's EIP-712 signature over (query id, member's address, price):
+    # what the member claims with on chain. Empty for an unpaid query.
+    payment_sig: bytes = b""
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -438,6 +461,7 @@ class Receipt:
         _require(_is_peer_id(self.member), "bad member peer id")
         _require(len(self.share_digest) == DIGEST_LEN, "share_digest must be 32 bytes")
         _nonneg(self.price_wei, "price_wei", MAX_PRICE_WEI)
+        _require(len(self.payment_sig) in (0, SIGNATURE_LEN), "payment_sig must be 0 or 65 bytes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

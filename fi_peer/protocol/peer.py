@@ -14,6 +14,11 @@ Privacy: the responder gets the owner's PrivacyGuard (budget and DP policy,
 see guard.py) and a noise generator; the querier takes its noise scale from
 the caller of :meth:`submit_query` (the core does not know the aggregation
 rules' sensitivities: fi_peer.models sits above it).
+
+Payment: with a ``Payments`` object (payment.py) queries with a price are
+escrowed on chain and receipts are signed; the driver carries out
+``OpenEscrow``/``VerifyEscrow`` and answers with :meth:`escrow_opened` and
+:meth:`escrow_verified`. Without one nothing of this happens.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from fi_peer.protocol.messages import (
     Share,
     Unmask,
 )
+from fi_peer.protocol.payment import Payments
 from fi_peer.protocol.querier import QuerierConfig, QuerySession
 from fi_peer.protocol.responder import Responder, ResponderConfig
 from fi_peer.protocol.topics import peers_topic, query_topic
@@ -81,12 +87,14 @@ class PeerCore:
         eth_address: str = "",
         guard: PrivacyGuard | None = None,
         rng: np.random.Generator | None = None,
+        payments: Payments | None = None,
     ) -> None:
         self.identity = identity
         self.card = card
         self.config = config or CoreConfig()
         self.addresses = addresses
-        self.eth_address = eth_address
+        self.payments = payments
+        self.eth_address = eth_address or ("" if payments is None else payments.eth_address)
         self.verifier = Verifier(window_ms=self.config.window_ms)
         self.membership = Membership(
             identity.peer_id,
@@ -102,6 +110,7 @@ class PeerCore:
             rng=rng,
             box_key_of=self._announced_box_key,
             metrics=self.metrics,
+            payments=payments,
         )
         self.queries: dict[bytes, QuerySession] = {}
         self._recent: OrderedDict[bytes, None] = OrderedDict()
@@ -311,7 +320,13 @@ class PeerCore:
                 "a smaller committee would reveal single members' answers"
             )
         session = QuerySession(
-            self.identity, request, vec, self.config.querier, now_ms, noise_sigma=noise_sigma
+            self.identity,
+            request,
+            vec,
+            self.config.querier,
+            now_ms,
+            noise_sigma=noise_sigma,
+            payments=self.payments,
         )
         self.queries[query_id] = session
         self.metrics["queries.submitted"] += 1
@@ -332,6 +347,17 @@ class PeerCore:
         if refusal is not None:
             self.metrics["charge.refused"] += 1
         return self.responder.on_charged((charge.querier, charge.request.query_id), refusal, now_ms)
+
+    def escrow_opened(self, query_id: bytes, ok: bool, now_ms: int) -> list[Effect]:
+        """The driver's answer to an OpenEscrow effect (ok: the escrow is on chain)."""
+        self.metrics["escrow.opened" if ok else "escrow.failed"] += 1
+        session = self.queries.get(query_id)
+        return [] if session is None else self._reap(session.on_escrow_opened(ok, now_ms))
+
+    def escrow_verified(self, key: tuple[str, bytes], ok: bool, now_ms: int) -> list[Effect]:
+        """The driver's answer to a VerifyEscrow effect; ``key`` is (querier, query id)."""
+        self.metrics["escrow.verified" if ok else "escrow.not_found"] += 1
+        return self.responder.on_escrow_verified(key, ok, now_ms)
 
     def evaluation_failed(self, request: Evaluate, now_ms: int) -> list[Effect]:
         """The driver could not evaluate the model for an Evaluate effect."""

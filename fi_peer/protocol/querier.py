@@ -2,6 +2,9 @@
 
 Theory of operation::
 
+    OFFERS --committee chosen, paid query (OpenEscrow)-----------> ESCROW
+    ESCROW --escrow opened: as OFFERS on committee chosen------> KEYS / ANSWERS
+    ESCROW --escrow failed / deadline---------------------------> FAILED
     OFFERS --committee chosen, secagg----------------------------> KEYS
     OFFERS --committee chosen, plaintext-------------------------> ANSWERS
     OFFERS --offer window ends with < min_committee offers-------> FAILED
@@ -36,6 +39,13 @@ time left at Accept). With fewer than ``t`` at any round the query fails with
 a reason, so no query can hang. The result is the sum of the contributions
 (plus the querier's own vector when ``include_self``, added in the clear: it
 is the querier's own).
+
+Paid queries (a ``Payments`` object given and a non-zero price; see
+payment.py): offers must name distinct Ethereum addresses; the committee is
+paid one price per share (the highest chosen offer, never above the cap);
+the escrow is opened (``OpenEscrow``) before any Accept, hence any input,
+leaves; each Receipt carries the querier's EIP-712 signature; the outcome
+names the escrow and the members who delivered, for settlement.
 """
 
 from __future__ import annotations
@@ -52,7 +62,15 @@ from fi_peer.errors import LocalProtocolError, UnexpectedMessage
 from fi_peer.identity import Identity
 from fi_peer.privacy import secagg
 from fi_peer.protocol import fixedpoint
-from fi_peer.protocol.effects import Effect, Evaluate, QueryDone, QueryOutcome, Send, SetTimer
+from fi_peer.protocol.effects import (
+    Effect,
+    Evaluate,
+    OpenEscrow,
+    QueryDone,
+    QueryOutcome,
+    Send,
+    SetTimer,
+)
 from fi_peer.protocol.envelope import seal
 from fi_peer.protocol.messages import (
     Accept,
@@ -69,6 +87,7 @@ from fi_peer.protocol.messages import (
     Share,
     Unmask,
 )
+from fi_peer.protocol.payment import EscrowTerms, Payments
 from fi_peer.protocol.sealing import seal_input
 
 
@@ -80,6 +99,7 @@ def _usable_box_key(key: bytes) -> bool:
 
 class QState(enum.Enum):
     OFFERS = "offers"
+    ESCROW = "escrow"
     KEYS = "keys"
     ANSWERS = "answers"
     UNMASK = "unmask"
@@ -91,6 +111,8 @@ class QEvent(enum.Enum):
     COMMITTEE_PLAIN = "committee_plain"
     COMMITTEE_SECAGG = "committee_secagg"
     TOO_FEW_OFFERS = "too_few_offers"
+    ESCROW_PENDING = "escrow_pending"
+    ESCROW_FAILED = "escrow_failed"
     KEYS_IN = "keys_in"
     TOO_FEW_KEYS = "too_few_keys"
     ALL_ANSWERED = "all_answered"
@@ -105,6 +127,10 @@ _TRANSITIONS: dict[tuple[QState, QEvent], QState] = {
     (QState.OFFERS, QEvent.COMMITTEE_PLAIN): QState.ANSWERS,
     (QState.OFFERS, QEvent.COMMITTEE_SECAGG): QState.KEYS,
     (QState.OFFERS, QEvent.TOO_FEW_OFFERS): QState.FAILED,
+    (QState.OFFERS, QEvent.ESCROW_PENDING): QState.ESCROW,
+    (QState.ESCROW, QEvent.COMMITTEE_PLAIN): QState.ANSWERS,
+    (QState.ESCROW, QEvent.COMMITTEE_SECAGG): QState.KEYS,
+    (QState.ESCROW, QEvent.ESCROW_FAILED): QState.FAILED,
     (QState.KEYS, QEvent.KEYS_IN): QState.ANSWERS,
     (QState.KEYS, QEvent.TOO_FEW_KEYS): QState.FAILED,
     (QState.ANSWERS, QEvent.ALL_ANSWERED): QState.DONE,
@@ -143,6 +169,7 @@ class QuerySession:
         now_ms: int,
         *,
         noise_sigma: float = 0.0,
+        payments: Payments | None = None,
     ) -> None:
         if x.shape != (request.input_dim,):
             raise LocalProtocolError(f"input must have shape ({request.input_dim},)")
@@ -165,6 +192,15 @@ class QuerySession:
         self.local_pending = config.include_self
         self.aggregator: secagg.Aggregator | None = None
         self.masked_total: fixedpoint.Words | None = None
+        self.payments = payments
+        self.escrow: EscrowTerms | None = None  # set once the committee is chosen (paid)
+        self.escrow_open = False
+        self.prices: dict[str, int] = {}
+
+    @property
+    def paid_mode(self) -> bool:
+        """Offers must carry addresses: payments are configured and the cap is not zero."""
+        return self.payments is not None and self.request.max_price_wei > 0
 
     @property
     def query_id(self) -> bytes:
@@ -235,6 +271,12 @@ class QuerySession:
             self.secagg and not secagg.usable_public_key(offer.mask_key)
         ):
             raise UnexpectedMessage("offer with a key X25519 cannot use")
+        if self.paid_mode:
+            if not offer.eth_address:
+                raise UnexpectedMessage("offer without an address for a paid query")
+            taken = {o.eth_address.lower() for o in self.offers.values()}
+            if offer.eth_address.lower() in taken:
+                raise UnexpectedMessage("offer with another member's address")
         if self.state is not QState.OFFERS:  # committee already chosen
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
             return [self._send(sender, late, now_ms)]
@@ -253,11 +295,47 @@ class QuerySession:
 
     def _accept(self, now_ms: int) -> list[Effect]:
         chosen = list(self.offers.items())  # never more than k: see on_offer
+        price = max(o.price_wei for _, o in chosen)
+        paid = self.paid_mode and price > 0
         self.committee = tuple(
-            Member(peer_id=p, box_key=o.box_key, mask_key=o.mask_key) for p, o in chosen
+            Member(
+                peer_id=p,
+                box_key=o.box_key,
+                mask_key=o.mask_key,
+                eth_address=o.eth_address if paid else "",
+            )
+            for p, o in chosen
         )
         self.index = {m.peer_id: i for i, m in enumerate(self.committee)}
         self.threshold = self.config.threshold(len(self.committee))
+        # Paid: one price per share for the whole committee (the escrow's terms).
+        self.prices = {p: price if paid else o.price_wei for p, o in chosen}
+        if paid:
+            assert self.payments is not None
+            self.escrow = EscrowTerms(
+                query_id=self.query_id,
+                querier=self.payments.eth_address,
+                committee=tuple(m.eth_address for m in self.committee),
+                price_wei=price,
+                deadline_s=self.payments.escrow_deadline_s(self.request.deadline_ms),
+            )
+            self._goto(QEvent.ESCROW_PENDING)
+            return [OpenEscrow(self.escrow)]
+        return self._send_accepts(now_ms)
+
+    def on_escrow_opened(self, ok: bool, now_ms: int) -> list[Effect]:
+        """The driver's answer to OpenEscrow: the Accepts (and inputs) leave only now."""
+        if self.state is not QState.ESCROW:
+            return []  # the query ended meanwhile (deadline)
+        if not ok:
+            self._goto(QEvent.ESCROW_FAILED)
+            return self._fail("escrow_failed", now_ms)
+        self.escrow_open = True
+        return self._send_accepts(now_ms)
+
+    def _send_accepts(self, now_ms: int) -> list[Effect]:
+        chosen = [(m.peer_id, self.offers[m.peer_id]) for m in self.committee]
+        escrow = self.escrow
         effects: list[Effect] = []
         if self.secagg:
             self._goto(QEvent.COMMITTEE_SECAGG)
@@ -283,13 +361,15 @@ class QuerySession:
                 query_id=self.query_id,
                 committee=self.committee,
                 threshold=self.threshold,
-                price_wei=offer.price_wei,
+                price_wei=self.prices[peer],
                 answer_deadline_ms=self.request.deadline_ms,
                 escrow_ref=b"",
                 noise_sigma=self.noise_sigma,
                 sealed_input=seal_input(
                     self.identity.box_key, offer.box_key, self.query_id, self.x
                 ),
+                querier_eth="" if escrow is None else escrow.querier,
+                escrow_deadline_s=0 if escrow is None else escrow.deadline_s,
             )
             effects.append(self._send(peer, accept, now_ms))
         return effects
@@ -365,12 +445,18 @@ class QuerySession:
         elif share.view_tags:
             raise UnexpectedMessage("view tags on a plaintext share")
         self.shares[sender] = words
-        price = self.offers[sender].price_wei
+        price = self.prices[sender]
+        signature = b""
+        if self.escrow is not None:
+            assert self.payments is not None
+            member_eth = self.committee[self.index[sender]].eth_address
+            signature = self.payments.sign_receipt(self.query_id, member_eth, price)
         receipt = Receipt(
             query_id=self.query_id,
             member=sender,
             share_digest=hashlib.sha256(share.vector).digest(),
             price_wei=price,
+            payment_sig=signature,
         )
         return [self._send(sender, receipt, now_ms), *self._maybe_advance(now_ms)]
 
@@ -442,6 +528,9 @@ class QuerySession:
         if self.state is QState.OFFERS:  # only if the offers timer could not run first
             self._goto(QEvent.TOO_FEW_OFFERS)
             return self._fail("deadline_before_committee", now_ms)
+        if self.state is QState.ESCROW:
+            self._goto(QEvent.ESCROW_FAILED)
+            return self._fail("deadline_before_escrow", now_ms)
         if self.state is QState.KEYS:  # only if the keys timer could not run first
             self._goto(QEvent.TOO_FEW_KEYS)
             return self._fail("deadline_before_key_shares", now_ms)
@@ -517,7 +606,15 @@ class QuerySession:
         data = seal(self.identity, result, now_ms)
         return [Send(m.peer_id, data) for m in self.committee if m.peer_id not in self.notified]
 
+    def _payment(self) -> tuple[EscrowTerms | None, tuple[str, ...]]:
+        """The outcome's payment fields: what to settle (nothing if no escrow opened)."""
+        if self.escrow is None or not self.escrow_open:
+            return None, ()
+        delivered = tuple(self.committee[self.index[p]].eth_address for p in sorted(self.shares))
+        return self.escrow, delivered
+
     def _succeed(self, now_ms: int) -> list[Effect]:
+        escrow, delivered = self._payment()
         total = np.zeros(self.request.vector_len, dtype=np.uint64)
         if self.aggregator is not None:
             assert self.masked_total is not None and self.aggregator.survivors is not None
@@ -539,11 +636,14 @@ class QuerySession:
             contributors=contributors,
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
+            escrow=escrow,
+            delivered=delivered,
         )
         result = Result(query_id=self.query_id, ok=True, contributors=contributors)
         return [*self._notify(result, now_ms), QueryDone(outcome)]
 
     def _fail(self, reason: str, now_ms: int) -> list[Effect]:
+        escrow, delivered = self._payment()
         outcome = QueryOutcome(
             query_id=self.query_id,
             ok=False,
@@ -552,6 +652,8 @@ class QuerySession:
             contributors=(),
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
+            escrow=escrow,
+            delivered=delivered,
         )
         result = Result(query_id=self.query_id, ok=False, reason=reason)
         return [*self._notify(result, now_ms), QueryDone(outcome)]

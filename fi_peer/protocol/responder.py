@@ -3,6 +3,8 @@
 Theory of operation::
 
     (request seen) --offer (fresh mask key)--> OFFERED
+    OFFERED --accept, paid (VerifyEscrow)--> VERIFYING
+    VERIFYING --escrow verified: as OFFERED on accept--> EVALUATING / KEYED
     OFFERED --accept, plaintext--> EVALUATING --evaluated--> CHARGING
     OFFERED --accept, secagg (key shares sent, model started)--> KEYED
     KEYED --evaluated--> HAVE_VECTOR --relay--> CHARGING
@@ -28,6 +30,14 @@ without a guard the charge is a no-op and the share leaves at once). It reveals 
 under the rules of secagg.MaskingMember.reveal; a refused unmask is answered
 with a Decline ``refused_<why>``. Receipts for delivered shares are kept:
 they are what the member is paid against.
+
+Paid queries (a ``Payments`` object given; see payment.py): the Offer names
+this peer's Ethereum address; an Accept naming an escrow (the querier's
+address and on-chain deadline) is checked on chain first (``VerifyEscrow``;
+nothing is evaluated or sent before ``escrow_verified``), and one without an
+escrow is declined when this peer charges a price. A Receipt must then carry
+the querier's valid signature over (query, our address, price); a good one
+is handed to the driver to keep (``Paid``).
 
 DP noise: the member adds N(0, sigma^2/t) per coordinate to its model output
 (fi_peer.privacy.dp.add_member_noise) before the fixed-point encoding and the
@@ -56,7 +66,7 @@ from fi_peer.identity import Identity
 from fi_peer.privacy import secagg
 from fi_peer.privacy.dp import add_member_noise
 from fi_peer.protocol import fixedpoint
-from fi_peer.protocol.effects import Charge, Effect, Evaluate, Send, SetTimer
+from fi_peer.protocol.effects import Charge, Effect, Evaluate, Paid, Send, SetTimer, VerifyEscrow
 from fi_peer.protocol.envelope import seal
 from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.messages import (
@@ -74,6 +84,7 @@ from fi_peer.protocol.messages import (
     Share,
     Unmask,
 )
+from fi_peer.protocol.payment import EscrowTerms, Payments
 from fi_peer.protocol.sealing import open_input
 
 # How long after a query's deadline a member keeps its state (clock skew slack).
@@ -88,6 +99,7 @@ SessionKey = tuple[str, bytes]  # (querier peer id, query id): query ids are the
 
 class RState(enum.Enum):
     OFFERED = "offered"
+    VERIFYING = "verifying"
     EVALUATING = "evaluating"
     KEYED = "keyed"
     HAVE_VECTOR = "have_vector"
@@ -100,6 +112,7 @@ class RState(enum.Enum):
 class REvent(enum.Enum):
     ACCEPT_PLAIN = "accept_plain"
     ACCEPT_SECAGG = "accept_secagg"
+    ACCEPT_PAID = "accept_paid"
     EVALUATED = "evaluated"
     RELAY = "relay"
     CHARGED = "charged"
@@ -109,6 +122,9 @@ class REvent(enum.Enum):
 _TRANSITIONS: dict[tuple[RState, REvent], RState] = {
     (RState.OFFERED, REvent.ACCEPT_PLAIN): RState.EVALUATING,
     (RState.OFFERED, REvent.ACCEPT_SECAGG): RState.KEYED,
+    (RState.OFFERED, REvent.ACCEPT_PAID): RState.VERIFYING,
+    (RState.VERIFYING, REvent.ACCEPT_PLAIN): RState.EVALUATING,
+    (RState.VERIFYING, REvent.ACCEPT_SECAGG): RState.KEYED,
     (RState.EVALUATING, REvent.EVALUATED): RState.CHARGING,
     (RState.KEYED, REvent.EVALUATED): RState.HAVE_VECTOR,
     (RState.KEYED, REvent.RELAY): RState.HAVE_RELAY,
@@ -132,6 +148,8 @@ class MemberSession:
     words: fixedpoint.Words | None = None  # noisy fixed-point vector, before masking
     share_digest: bytes = b""
     receipt: Receipt | None = None
+    escrow: EscrowTerms | None = None  # paid query: the terms the escrow was checked for
+    x: npt.NDArray[np.float32] | None = None  # the input, while the escrow is checked
 
     def goto(self, event: REvent) -> None:
         try:
@@ -170,8 +188,10 @@ class Responder:
         rng: np.random.Generator | None = None,
         box_key_of: Callable[[str], bytes | None] = lambda peer: None,
         metrics: Counter[str] | None = None,
+        payments: Payments | None = None,
     ) -> None:
         self.identity = identity
+        self.payments = payments
         self.card = card
         self.config = config
         self.guard = guard
@@ -252,6 +272,7 @@ class Responder:
             box_key=self.identity.box_public_key,
             expected_latency_ms=self.config.expected_latency_ms,
             mask_key=session.mask_key,
+            eth_address="" if self.payments is None else self.payments.eth_address,
         )
         expiry = min(request.deadline_ms, now_ms + self.config.offer_ttl_ms)
         return [self._send(sender, offer, now_ms), SetTimer(self.timer_key(key), expiry)]
@@ -298,13 +319,69 @@ class Responder:
         refusal = self._accept_refusal(request, accept)
         if refusal is not None:
             return self._decline(key, refusal, now_ms)
+        escrow, refusal = self._escrow_terms(session, accept, me.eth_address)
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
         session.price_wei = accept.price_wei
         session.accept = accept
-        evaluate = Evaluate(request.query_id, x, request.rule, request.vector_len, sender)
         expire = SetTimer(self.timer_key(key), request.deadline_ms + GRACE_MS)
+        if escrow is not None:
+            # Nothing is evaluated (or sent) before the escrow is seen on chain.
+            session.escrow, session.x = escrow, x
+            session.goto(REvent.ACCEPT_PAID)
+            return [VerifyEscrow(sender, escrow), expire]
+        effects = self._proceed(key, session, x, now_ms)
+        return [*effects, expire] if key in self.sessions else effects
+
+    def _escrow_terms(
+        self, session: MemberSession, accept: Accept, my_eth: str
+    ) -> tuple[EscrowTerms | None, str | None]:
+        """The escrow to check before answering (None: unpaid), or why we decline."""
+        payments = self.payments
+        if payments is None:
+            return None, None  # we are not paid on chain: the flow is the unpaid one
+        if not accept.querier_eth:
+            return None, ("escrow_missing" if session.price_wei > 0 else None)
+        if my_eth.lower() != payments.eth_address.lower():
+            return None, "wrong_eth_address"
+        if accept.price_wei == 0:
+            return None, "escrow_price_zero"
+        if accept.escrow_deadline_s * 1000 < session.request.deadline_ms:
+            return None, "escrow_deadline_too_early"
+        try:
+            terms = EscrowTerms(
+                query_id=accept.query_id,
+                querier=accept.querier_eth,
+                committee=tuple(m.eth_address for m in accept.committee),
+                price_wei=accept.price_wei,
+                deadline_s=accept.escrow_deadline_s,
+            )
+        except ValueError:
+            return None, "bad_escrow_terms"
+        return terms, None
+
+    def on_escrow_verified(self, key: SessionKey, ok: bool, now_ms: int) -> list[Effect]:
+        """The driver's answer to VerifyEscrow."""
+        session = self.sessions.get(key)
+        if session is None or session.state is not RState.VERIFYING:
+            return []  # expired or ended meanwhile
+        if not ok:
+            return self._decline(key, "escrow_not_found", now_ms)
+        x, session.x = session.x, None
+        assert x is not None
+        return self._proceed(key, session, x, now_ms)
+
+    def _proceed(
+        self, key: SessionKey, session: MemberSession, x: npt.NDArray[np.float32], now_ms: int
+    ) -> list[Effect]:
+        """The Accept holds (and its escrow, if paid): run the model, send key shares."""
+        sender, request, accept = session.querier, session.request, session.accept
+        assert accept is not None
+        mine = [i for i, m in enumerate(accept.committee) if m.peer_id == self.identity.peer_id]
+        evaluate = Evaluate(request.query_id, x, request.rule, request.vector_len, sender)
         if not request.secagg:
             session.goto(REvent.ACCEPT_PLAIN)
-            return [evaluate, expire]
+            return [evaluate]
         try:
             committee = [
                 secagg.Participant(m.peer_id, m.box_key, m.mask_key) for m in accept.committee
@@ -331,7 +408,7 @@ class Responder:
             query_id=request.query_id, ciphertexts=ciphertexts, commitment=commitment
         )
         # The model runs while the key shares travel: Evaluate goes out first.
-        return [evaluate, self._send(sender, shares, now_ms), expire]
+        return [evaluate, self._send(sender, shares, now_ms)]
 
     def _accept_refusal(self, request: QueryRequest, accept: Accept) -> str | None:
         n, t = len(accept.committee), accept.threshold
@@ -459,9 +536,22 @@ class Responder:
             raise UnexpectedMessage("receipt is for another share than the one we sent")
         if receipt.price_wei != session.price_wei:
             raise UnexpectedMessage("receipt is not for the agreed price")
+        escrow = session.escrow
+        if escrow is not None:
+            assert self.payments is not None
+            valid = len(receipt.payment_sig) > 0 and self.payments.verify_receipt(
+                receipt.query_id,
+                self.payments.eth_address,
+                receipt.price_wei,
+                receipt.payment_sig,
+                escrow.querier,
+            )
+            if not valid:
+                self.metrics["responder.bad_payment_sig"] += 1
+                raise UnexpectedMessage("receipt without a valid payment signature")
         session.receipt = receipt
         self.receipts.append(receipt)
-        return []
+        return [] if escrow is None else [Paid(sender, escrow, receipt)]
 
     def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
         key = (sender, result.query_id)

@@ -4,6 +4,9 @@ Effects are delivered in FIFO order; timers fire when the test advances the
 fake clock. Models are plain functions ``x -> vector``. A peer may get a
 PrivacyGuard (its budget) and a seeded noise generator; the net carries out a
 Charge effect at once, with that guard, and reports back like a driver must.
+A peer may also get a Payments object (paid queries); the net then carries out
+OpenEscrow / VerifyEscrow against an in-memory escrow book (``escrows``),
+which a test may make fail (``escrow_fails``), and keeps every Paid effect.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 
 from fi_peer.identity import Identity
@@ -21,14 +25,18 @@ from fi_peer.protocol.effects import (
     Charge,
     Effect,
     Evaluate,
+    OpenEscrow,
+    Paid,
     Publish,
     QueryDone,
     QueryOutcome,
     Send,
     SetTimer,
+    VerifyEscrow,
 )
 from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.messages import ModelCard
+from fi_peer.protocol.payment import EscrowTerms, Payments
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 
 Model = Callable[[np.ndarray, str], np.ndarray]
@@ -56,6 +64,12 @@ class SansIoNet:
     done: dict[bytes, QueryOutcome] = field(default_factory=dict)
     outcomes: list[QueryOutcome] = field(default_factory=list)  # every QueryDone, in order
     drop: Callable[[str, str, bytes], bool] = lambda src, dst, data: False
+    # (querier address lowercased, query id) -> terms, as a chain would hold them
+    escrows: dict[tuple[str, bytes], EscrowTerms] = field(default_factory=dict)
+    escrow_fails: Callable[[EscrowTerms], bool] = lambda terms: False
+    paid: list[tuple[str, Paid]] = field(default_factory=list)  # (member, effect)
+    # (peer, "open_escrow" | "verify_escrow" | message kind sent) in order
+    trace: list[tuple[str, str]] = field(default_factory=list)
     _tie: itertools.count = field(default_factory=itertools.count)
     _latest_timer: dict[tuple[str, Hashable], int] = field(default_factory=dict)
 
@@ -68,9 +82,15 @@ class SansIoNet:
         *,
         guard: PrivacyGuard | None = None,
         rng: np.random.Generator | None = None,
+        payments: Payments | None = None,
     ) -> PeerCore:
         core = PeerCore(
-            Identity.from_seed(name.encode()), card(n_classes), config=config, guard=guard, rng=rng
+            Identity.from_seed(name.encode()),
+            card(n_classes),
+            config=config,
+            guard=guard,
+            rng=rng,
+            payments=payments,
         )
         self.cores[core.peer_id] = core
         self.models[core.peer_id] = model
@@ -109,11 +129,30 @@ class SansIoNet:
                 assert guard is not None, "a Charge comes only from a peer with a guard"
                 refusal = guard.charge(querier, request, sigma, self.now_ms)
                 self._feed(origin, core.charged(effect, refusal, self.now_ms))
+            case OpenEscrow(terms):
+                self.trace.append((origin, "open_escrow"))
+                ok = not self.escrow_fails(terms)
+                if ok:
+                    self.escrows[(terms.querier.lower(), terms.query_id)] = terms
+                core = self.cores[origin]
+                self._feed(origin, core.escrow_opened(terms.query_id, ok, self.now_ms))
+            case VerifyEscrow(querier, terms):
+                self.trace.append((origin, "verify_escrow"))
+                held = self.escrows.get((terms.querier.lower(), terms.query_id))
+                ok = held is not None and _same_terms(held, terms)
+                core = self.cores[origin]
+                key = (querier, terms.query_id)
+                self._feed(origin, core.escrow_verified(key, ok, self.now_ms))
+            case Paid():
+                self.paid.append((origin, effect))
             case QueryDone(outcome):
                 self.done[outcome.query_id] = outcome
                 self.outcomes.append(outcome)
 
     def _feed(self, origin: str, effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                self.trace.append((origin, _kind(e.data)))
         self.queue.extend((origin, e) for e in effects)
 
     def deliver(self, peer: str, data: bytes, *, topic: str | None = None) -> list[Effect]:
@@ -134,3 +173,17 @@ class SansIoNet:
             self._feed(origin, self.cores[origin].on_timer(key, self.now_ms))
             self.run()
         self.now_ms = target
+
+
+def _same_terms(a: EscrowTerms, b: EscrowTerms) -> bool:
+    """Equal as the escrow compares them (committee as a set of addresses)."""
+    return (
+        a.querier.lower() == b.querier.lower()
+        and sorted(m.lower() for m in a.committee) == sorted(m.lower() for m in b.committee)
+        and (a.price_wei, a.deadline_s) == (b.price_wei, b.deadline_s)
+    )
+
+
+def _kind(data: bytes) -> str:
+    kind = msgpack.unpackb(data, raw=False)[1]
+    return str(kind)

@@ -321,12 +321,13 @@ def test_golden_encoding_of_an_offer() -> None:
     offer = Offer(query_id=bytes(range(16)), price_wei=300, box_key=b"\x07" * 32,
                   expected_latency_ms=5, mask_key=b"\x09" * 32)
     expected = (
-        b"\x95"
+        b"\x96"
         + b"\xc4\x10" + bytes(range(16))
         + b"\xcd\x01\x2c"
         + b"\xc4\x20" + b"\x07" * 32
         + b"\x05"
         + b"\xc4\x20" + b"\x09" * 32
+        + b"\xa0"  # eth_address: empty (unpaid)
     )
     assert codec.pack(offer) == expected
     assert codec.unpack(Offer, expected) == offer
@@ -337,7 +338,7 @@ def test_nested_dataclass_is_a_nested_array() -> None:
     acc = Accept(query_id=b"q" * 16, committee=(m,), threshold=1, price_wei=0,
                  answer_deadline_ms=0, escrow_ref=b"", noise_sigma=0.0, sealed_input=b"x")
     wire = msgpack.unpackb(codec.pack(acc), raw=False)
-    assert wire[1] == [["a" * 64, b"k" * 32, b"m" * 32]]
+    assert wire[1] == [["a" * 64, b"k" * 32, b"m" * 32, ""]]
 
 
 # -- invalid values: cannot be constructed, cannot be decoded -------------------------

@@ -92,8 +92,76 @@ def test_every_mistake_is_one_config_error(
 
 
 def test_tables_owned_by_other_layers_are_left_alone(tmp_path: Path) -> None:
-    cfg = parse_config(_doc(chain={"rpc": "http://127.0.0.1:8545"}), tmp_path)
+    cfg = parse_config(_doc(explorer={"port": 8080}), tmp_path)
     assert cfg.transport == "libp2p"
+
+
+ESCROW = "0x" + "ab" * 20
+REGISTRY = "0x" + "cd" * 20
+
+
+def test_no_chain_table_means_unpaid(tmp_path: Path) -> None:
+    cfg = parse_config(_doc(), tmp_path)
+    assert cfg.chain is None and cfg.receipts_file is None
+
+
+def test_chain_with_a_deployment_file(tmp_path: Path) -> None:
+    chain = {
+        "rpc_url": "http://127.0.0.1:8545",
+        "deployment": "deployment.json",
+        "eth_key_file": "eth.key",
+        "settle_every_queries": 3,
+        "settle_every_s": 2,
+        "auto_withdraw": True,
+    }
+    cfg = parse_config(_doc(peer={"state_dir": "state"}, chain=chain), tmp_path)
+    assert cfg.chain is not None
+    assert cfg.chain.deployment == tmp_path / "deployment.json"
+    assert cfg.chain.eth_key_file == tmp_path / "eth.key"
+    assert cfg.chain.settle_every_queries == 3 and cfg.chain.settle_every_s == 2.0
+    assert cfg.chain.auto_withdraw and cfg.chain.settle_window_s == 60
+    assert cfg.receipts_file == tmp_path / "state" / "receipts.sqlite"
+    path = tmp_path / "peer.toml"
+    write_config(path, cfg)
+    assert load_config(path) == cfg
+
+
+def test_chain_with_addresses_and_a_key_from_the_environment(tmp_path: Path) -> None:
+    chain = {"rpc_url": "http://h:1", "chain_id": 31337, "escrow": ESCROW, "registry": REGISTRY}
+    cfg = parse_config(_doc(chain=chain), tmp_path)
+    assert cfg.chain is not None and cfg.chain.eth_key_env == "FI_PEER_ETH_KEY"
+    assert cfg.chain.deployment is None and cfg.chain.escrow == ESCROW
+
+
+@pytest.mark.parametrize(
+    ("chain", "message"),
+    [
+        ({"rpc": "http://h:1"}, "unknown key(s) in [chain]"),
+        ({"deployment": "d.json"}, "chain.rpc_url is required"),
+        ({"rpc_url": "ws://h:1", "deployment": "d.json"}, "http(s) URL"),
+        ({"rpc_url": "http://h:1"}, "either a deployment file"),
+        (
+            {"rpc_url": "http://h:1", "deployment": "d.json", "chain_id": 1, "escrow": ESCROW,
+             "registry": REGISTRY},
+            "either a deployment file",
+        ),
+        ({"rpc_url": "http://h:1", "chain_id": 1, "escrow": "0x12", "registry": REGISTRY},
+         "chain.escrow"),
+        ({"rpc_url": "http://h:1", "deployment": "d.json", "settle_every_queries": 0},
+         "settle_every_queries"),
+        ({"rpc_url": "http://h:1", "deployment": "d.json", "settle_every_s": 0.0},
+         "settle_every_s"),
+        ({"rpc_url": "http://h:1", "deployment": "d.json", "eth_key_env": ""},
+         "eth_key_file or eth_key_env"),
+        ({"rpc_url": "http://h:1", "deployment": "d.json", "auto_withdraw": 1}, "a bool"),
+    ],
+)
+def test_chain_mistakes_are_config_errors(
+    tmp_path: Path, chain: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_doc(chain=chain), tmp_path)
+    assert message in str(err.value)
 
 
 def test_ints_are_accepted_where_floats_are_expected(tmp_path: Path) -> None:

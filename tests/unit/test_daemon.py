@@ -248,3 +248,51 @@ def test_client_commands_without_a_daemon_say_so(tmp_path: Path) -> None:
         result = fi_peer(command, "--state-dir", str(tmp_path))
         assert result.returncode == 1, result.stderr
         assert "fi-peer run" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- [chain]: the Ethereum key ---------------------------------------------------------
+
+ETH_KEY = "0x" + "4c" * 32
+
+
+def _chain_config(tmp_path: Path, **kw: Any) -> Any:
+    from fi_peer.config import ChainConfig
+
+    return ChainConfig(rpc_url="http://127.0.0.1:1", deployment=tmp_path / "d.json", **kw)
+
+
+def test_the_eth_key_file_must_be_private(tmp_path: Path) -> None:
+    from fi_peer.daemon import load_eth_key
+
+    key_file = tmp_path / "eth.key"
+    key_file.write_text(ETH_KEY[2:] + "\n")
+    os.chmod(key_file, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_eth_key(_chain_config(tmp_path, eth_key_file=key_file))
+    os.chmod(key_file, 0o600)
+    assert load_eth_key(_chain_config(tmp_path, eth_key_file=key_file)) == ETH_KEY
+
+
+def test_the_eth_key_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fi_peer.daemon import load_eth_key
+
+    config = _chain_config(tmp_path, eth_key_env="FI_TEST_ETH_KEY")
+    monkeypatch.delenv("FI_TEST_ETH_KEY", raising=False)
+    with pytest.raises(ConfigError, match="FI_TEST_ETH_KEY"):
+        load_eth_key(config)
+    monkeypatch.setenv("FI_TEST_ETH_KEY", "0x1234")
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_eth_key(config)
+    monkeypatch.setenv("FI_TEST_ETH_KEY", ETH_KEY)
+    assert load_eth_key(config) == ETH_KEY
+
+
+def test_a_missing_deployment_file_is_a_config_error(tmp_path: Path) -> None:
+    from fi_peer.daemon import open_chain
+
+    key_file = tmp_path / "eth.key"
+    key_file.write_text(ETH_KEY)
+    os.chmod(key_file, 0o600)
+    config = PeerConfig(state_dir=tmp_path, chain=_chain_config(tmp_path, eth_key_file=key_file))
+    with pytest.raises(ConfigError, match=r"\[chain\]"):
+        open_chain(config)
