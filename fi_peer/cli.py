@@ -389,8 +389,33 @@ def _client(config: Path | None, state_dir: Path | None) -> object:
         _fail(str(exc), 1)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".webp")
+
+
+def digit_image_to_input(path: Path) -> list[float]:
+    """An image of a handwritten digit -> the 64 features of the digits task.
+
+    Like scikit-learn's digits: grayscale, ink bright on dark, 8x8, values in
+    [0, 1] (the data set's 0..16 scaled by 1/16). A dark-on-light image (the
+    usual scan or drawing) is inverted first, judged by its mean brightness.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            gray = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BOX), dtype=float)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from exc
+    if gray.mean() > 127.5:
+        gray = 255.0 - gray
+    top = gray.max()
+    scaled = gray / top if top > 0 else gray
+    return [round(float(v), 4) for v in scaled.ravel()]
+
+
 def _load_input(path: Path) -> object:
-    """A .npy or .json file -> a nested list of numbers."""
+    """A .npy, .json or image file -> a nested list of numbers."""
     import numpy as np
 
     suffix = path.suffix.lower()
@@ -400,17 +425,25 @@ def _load_input(path: Path) -> object:
         if suffix == ".json":
             doc = json.loads(path.read_text(encoding="utf-8"))
             return doc.get("input") if isinstance(doc, dict) else doc
+        if suffix in IMAGE_SUFFIXES:
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            return digit_image_to_input(path)
     except FileNotFoundError:
         _fail(f"no input file {path}")
     except (OSError, ValueError) as exc:
         _fail(f"cannot read {path}: {exc}")
-    _fail(f"input must be a .npy or .json file, got {path.name!r}")
+    _fail(f"input must be a .npy, .json or image file, got {path.name!r}")
 
 
 @app.command()
 def query(
     input_file: Annotated[
-        Path, typer.Argument(metavar="INPUT", help="A .npy or .json array: one input or rows.")
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            help="A .npy or .json array (one input or rows), or an image of a digit.",
+        ),
     ],
     config: ConfigOption = None,
     state_dir: StateDirOption = None,

@@ -111,3 +111,24 @@ def test_demo_collective_beats_best_single_peer_by_15_points() -> None:
     assert report["messages"]["accepted.share"] == 120 * 9
     assert report["messages"]["accepted.receipt"] == 120 * 9
     assert not any(k.startswith("rejected.") for k in report["messages"])
+
+
+def test_an_image_of_a_digit_becomes_its_64_features(tmp_path: Path) -> None:
+    """`fi-peer query digit.png`: a dark-on-light drawing maps back onto the data set's features."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from fi_peer.cli import digit_image_to_input
+
+    digits = load_digits()
+    x = digits.images[5] / 16.0
+    drawing = Image.fromarray((255 - x * 255).astype(np.uint8))  # ink dark, paper light
+    path = tmp_path / "five.png"
+    drawing.resize((64, 64), Image.Resampling.NEAREST).save(path)
+    features = np.array(digit_image_to_input(path))
+    assert features.shape == (64,)
+    np.testing.assert_allclose(features, x.ravel() / x.max(), atol=0.01)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        digit_image_to_input(tmp_path / "junk.png")
