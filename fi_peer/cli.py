@@ -152,6 +152,7 @@ def init(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     peers: Annotated[int, typer.Option(min=2, max=64, help="Number of peers.")] = 10,
     alpha: Annotated[
         float, typer.Option(min=0.001, help="Dirichlet alpha: small = very non-IID, 100 ~ IID.")
@@ -172,6 +173,22 @@ def demo(
         ),
     ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    network: Annotated[
+        bool,
+        typer.Option(
+            "--network",
+            help="Instead: N `fi-peer run` daemons as processes, paying on a local anvil chain.",
+        ),
+    ] = False,
+    transport: Annotated[
+        str, typer.Option(help="--network: libp2p or mqtt (private broker).")
+    ] = "libp2p",
+    keep_running: Annotated[
+        bool, typer.Option(help="--network: leave network and explorer up until Ctrl-C.")
+    ] = False,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="--network: state, logs (default: a new temp dir).")
+    ] = None,
 ) -> None:
     """Run a whole FI network in one process and compare single, collective and pooled accuracy.
 
@@ -180,8 +197,20 @@ def demo(
     sealed inputs, offers, secure aggregation with DP noise, receipts) over the
     in-memory transport. Each owner keeps a privacy ledger of what it spent.
 
+    With --network: anvil, the contracts, N daemons over libp2p (or MQTT) with payments,
+    the explorer; queries from several peers, batched settlement, a summary. Defaults
+    there: 5 peers, 40 queries, alpha 0.3, 20 epochs (models cached), k 4.
+
     Example:  fi-peer demo --peers 10 --alpha 0.1 --queries 300 --seed 1
+              fi-peer demo --network --keep-running
     """
+    if network:
+        _network_demo(
+            peers=peers, alpha=alpha, queries=queries, seed=seed, k=k, epochs=epochs,
+            transport=transport, keep_running=keep_running, state_dir=state_dir,
+            as_json=as_json, explicit=_explicit_options(ctx),
+        )  # fmt: skip
+        return
     import torch
 
     from fi_peer.demo import DemoSettings, run_demo
@@ -224,6 +253,120 @@ def demo(
         print(json.dumps(report.to_json(), indent=2))
         return
     _print_report(report)
+
+
+def _explicit_options(ctx: typer.Context) -> set[str]:
+    """Names of the options given on the command line (the network demo has other defaults)."""
+    return {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+    }
+
+
+def _network_demo(
+    *,
+    peers: int,
+    alpha: float,
+    queries: int,
+    seed: int,
+    k: int | None,
+    epochs: int,
+    transport: str,
+    keep_running: bool,
+    state_dir: Path | None,
+    as_json: bool,
+    explicit: set[str],
+) -> None:
+    from fi_peer.netdemo import NetDemoSettings, run_network_demo
+
+    if transport not in ("libp2p", "mqtt"):
+        _fail("--transport must be libp2p or mqtt")
+    base = NetDemoSettings()
+    settings = NetDemoSettings(
+        peers=peers if "peers" in explicit else base.peers,
+        queries=queries if "queries" in explicit else base.queries,
+        alpha=alpha if "alpha" in explicit else base.alpha,
+        seed=seed,
+        epochs=epochs if "epochs" in explicit else base.epochs,
+        k=k if k is not None else base.k,
+        transport=transport,
+        folder=state_dir,
+    )
+    if settings.peers > 19:
+        _fail("--network: at most 19 peers")
+    if settings.k > settings.peers - 1:
+        _fail(f"--k must be at most peers - 1 = {settings.peers - 1}")
+    err.print(
+        f"network demo: {settings.peers} peers over {settings.transport}, "
+        f"{settings.queries} queries, alpha {settings.alpha:g}, {settings.epochs} epochs, "
+        f"k {settings.k}, price {settings.price_wei} wei/share"
+    )
+    progress = Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=as_json,
+        disable=as_json and not err.is_terminal,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        progress.update(tasks[phase], completed=done, total=total)
+
+    def on_report(report: dict[str, object]) -> None:
+        progress.stop()
+        if as_json:
+            print(json.dumps(report, indent=2), flush=True)
+        else:
+            _print_network_report(report)
+        if keep_running:
+            err.print(
+                f"network and explorer keep running (state in {report['folder']}); "
+                "Ctrl-C stops everything"
+            )
+
+    try:
+        with progress:
+            run_network_demo(settings, on_progress, keep_running=keep_running, on_report=on_report)
+    except KeyboardInterrupt:
+        err.print("interrupted: every process the demo started was stopped")
+        raise typer.Exit(130) from None
+    except (ValueError, RuntimeError, FiPeerError) as exc:
+        _fail(str(exc), 1)
+
+
+def _print_network_report(report: dict[str, object]) -> None:
+    from typing import Any
+
+    r: dict[str, Any] = report
+    q, acc, wei, gas = r["queries"], r["accuracy"], r["wei"], r["gas"]
+    table = Table(title="Networked FI demo", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for single in acc["singles"]:
+        table.add_row(f"accuracy {single['peer']} alone", f"{single['accuracy_on_queries']:.1%}")
+    table.add_row("accuracy collective", f"[bold]{acc['collective']:.1%}[/]")
+    table.add_row("queries sent / answered", f"{q['sent']} / {q['answered']}")
+    table.add_row("queries paid", str(q["paid"]))
+    for reason, count in q["failure_reasons"].items():
+        table.add_row(f"failed: {reason}", str(count))
+    table.add_row("queriers", ", ".join(q["queriers"]))
+    for name in ("escrowed", "paid", "refunded", "held", "withdrawn"):
+        table.add_row(f"wei {name}", f"{wei[name]:,}")
+    table.add_row("gas used (deploy)", f"{gas['used']:,} ({gas['deploy']:,})")
+    table.add_row("settled", "yes" if r["settled"] else f"NO: {r.get('settle_error')}")
+    if r.get("settle_failed"):
+        table.add_row("queries in failed batches", f"{r['settle_failed']} (held; see logs)")
+    timings = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in r["timings"].items() if k != "total_s")
+    table.add_row("time", f"{r['timings'].get('total_s', 0):.0f} s ({timings})")
+    table.add_row("explorer", str(r["explorer_url"]))
+    table.add_row("logs", str(r["folder"]))
+    out.print(table)
 
 
 def _print_report(report: object) -> None:
@@ -313,6 +456,67 @@ def explorer(
         argv += ["--index", str(index)]
     if code := explorer_main(argv):
         raise typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    peers: Annotated[
+        int, typer.Option(min=3, max=100_000, help="Number of simulated peers.")
+    ] = 100,
+    duration: Annotated[
+        float, typer.Option(min=0.0, help="Virtual seconds of traffic (queries stop then).")
+    ] = 20.0,
+    warmup: Annotated[
+        float, typer.Option(min=0.0, help="Virtual seconds before queries and churn.")
+    ] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed: a seed fixes every outcome.")] = 0,
+    latency_ms: Annotated[
+        tuple[int, int], typer.Option(help="Per-hop latency, uniform in [low, high] ms.")
+    ] = (20, 80),
+    loss: Annotated[float, typer.Option(min=0.0, max=0.99, help="Per-hop loss probability.")] = 0.0,
+    churn: Annotated[
+        float, typer.Option(min=0.0, help="Departures (each replaced) per virtual second.")
+    ] = 0.0,
+    query_rate: Annotated[
+        float, typer.Option(min=0.0, help="Queries per virtual second, network-wide.")
+    ] = 2.0,
+    k: Annotated[int, typer.Option(min=2, help="Committee size (capped at peers - 1).")] = 8,
+    degree: Annotated[int, typer.Option(min=2, help="Gossip mesh degree D.")] = 6,
+    announce_interval_ms: Annotated[int, typer.Option(min=1, help="Heartbeat interval.")] = 2000,
+    missed_beats: Annotated[
+        int, typer.Option(min=1, help="Missed heartbeats before a peer expires.")
+    ] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Simulate N peers in one process, in virtual time (latency, loss, churn).
+
+    Every peer runs the real protocol core (signed envelopes, secure aggregation);
+    the network is a seeded discrete-event model with a GossipSub-like mesh.
+
+    Example:  fi-peer simulate --peers 1000 --announce-interval-ms 10000 --duration 30
+    """
+    from fi_peer.simulate import SimConfig, format_report
+    from fi_peer.simulate import simulate as run_simulation
+
+    try:
+        config = SimConfig(
+            n=peers,
+            seed=seed,
+            duration_s=duration,
+            warmup_s=warmup,
+            latency_ms=latency_ms,
+            loss=loss,
+            churn_per_s=churn,
+            query_rate=query_rate,
+            k=k,
+            degree=degree,
+            announce_interval_ms=announce_interval_ms,
+            missed_beats=missed_beats,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    report = run_simulation(config)
+    print(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
 
 
 # -- the daemon and its control API -------------------------------------------------------
