@@ -197,9 +197,10 @@ def demo(
     sealed inputs, offers, secure aggregation with DP noise, receipts) over the
     in-memory transport. Each owner keeps a privacy ledger of what it spent.
 
-    With --network: anvil, the contracts, N daemons over libp2p (or MQTT) with payments,
-    the explorer; queries from several peers, batched settlement, a summary. Defaults
-    there: 5 peers, 40 queries, alpha 0.3, 20 epochs (models cached), k 4.
+    With --network: anvil, the contracts, N `fi-peer run` daemons over
+    libp2p (or MQTT) paying per share, the explorer; queries from several
+    peers, batched settlement, a summary. Its defaults: 5 peers, 40 queries,
+    alpha 0.3, 20 epochs (models cached), k 4.
 
     Example:  fi-peer demo --peers 10 --alpha 0.1 --queries 300 --seed 1
               fi-peer demo --network --keep-running
@@ -283,13 +284,14 @@ def _network_demo(
     if transport not in ("libp2p", "mqtt"):
         _fail("--transport must be libp2p or mqtt")
     base = NetDemoSettings()
+    peers = peers if "peers" in explicit else base.peers
     settings = NetDemoSettings(
-        peers=peers if "peers" in explicit else base.peers,
+        peers=peers,
         queries=queries if "queries" in explicit else base.queries,
         alpha=alpha if "alpha" in explicit else base.alpha,
         seed=seed,
         epochs=epochs if "epochs" in explicit else base.epochs,
-        k=k if k is not None else base.k,
+        k=k if k is not None else min(base.k, peers - 1),
         transport=transport,
         folder=state_dir,
     )

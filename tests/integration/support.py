@@ -207,17 +207,7 @@ def mosquitto(folder: Path) -> Iterator[Mosquitto]:
 
 
 def load_local_network() -> Any:
-    """``scripts/local_network.py`` as a module (scripts/ is not a package)."""
-    import importlib.util
-    import sys
+    """The local-network machinery (``fi_peer.localnet``, behind scripts/local_network.sh)."""
+    from fi_peer import localnet
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "local_network.py"
-    name = "fi_local_network"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return localnet
