@@ -45,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
     return getattr(importlib.import_module(module), name)
 
+
 __all__ = [
     "MAX_TOPIC_LENGTH",
     "STAT_KEYS",

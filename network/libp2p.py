@@ -85,7 +85,7 @@ from network.base import (
     TransportError,
     validate_topic,
 )
-from network.memory import _Inbox
+from network.inbox import Inbox, InboxIterator, InboxSubscription
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -877,35 +877,17 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes | None:
 # -- asyncio side ------------------------------------------------------------------------
 
 
-class Libp2pSubscription(AsyncIterator[bytes]):
+class Libp2pSubscription(InboxSubscription):
     """One ``subscribe()`` call on a :class:`Libp2pTransport`."""
 
-    __slots__ = ("_inbox", "_owner", "_topic")
+    __slots__ = ("_owner",)
 
     def __init__(self, owner: Libp2pTransport, topic: str, queue_size: int) -> None:
+        super().__init__(topic, queue_size)
         self._owner = owner
-        self._topic = topic
-        self._inbox: _Inbox[bytes] = _Inbox(queue_size)
-
-    @property
-    def topic(self) -> str:
-        return self._topic
-
-    async def __anext__(self) -> bytes:
-        return await self._inbox.next()
 
     async def aclose(self) -> None:
         await self._owner._drop_subscription(self)
-
-
-class _Incoming(AsyncIterator[Inbound]):
-    __slots__ = ("_inbox",)
-
-    def __init__(self, inbox: _Inbox[Inbound]) -> None:
-        self._inbox = inbox
-
-    async def __anext__(self) -> Inbound:
-        return await self._inbox.next()
 
 
 class Libp2pTransport(TransportBase):
@@ -953,7 +935,7 @@ class Libp2pTransport(TransportBase):
         self._bridge: _Bridge | None = None
         self._counters = _Counters()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: _Inbox[Inbound] = _Inbox(queue_size)
+        self._inbox: Inbox[Inbound] = Inbox(queue_size)
         self._subscriptions: dict[str, dict[Libp2pSubscription, None]] = {}
         self._addresses: list[str] = []
         self._connected: frozenset[PeerId] = frozenset()
@@ -1160,7 +1142,7 @@ class Libp2pTransport(TransportBase):
 
     def incoming(self) -> AsyncIterator[Inbound]:
         """Direct messages to this peer. Every call iterates the same queue."""
-        return _Incoming(self._inbox)
+        return InboxIterator(self._inbox)
 
     def peers(self) -> frozenset[PeerId]:
         if self._phase is not Phase.RUNNING:

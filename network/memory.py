@@ -51,7 +51,6 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
@@ -66,6 +65,7 @@ from network.base import (
     TransportClosed,
     validate_topic,
 )
+from network.inbox import Inbox, InboxIterator, InboxSubscription
 
 __all__ = ["ADDRESS_SCHEME", "MemoryHub", "MemorySubscription", "MemoryTransport"]
 
@@ -77,89 +77,21 @@ _REST_GROUP: Final = -1
 _T = TypeVar("_T")
 
 
-class _Inbox(Generic[_T]):
-    """A bounded FIFO that drops when full and ends iteration when closed."""
-
-    __slots__ = ("_closed", "_items", "_maxsize", "_waiters")
-
-    def __init__(self, maxsize: int) -> None:
-        self._items: deque[_T] = deque()
-        self._maxsize = maxsize
-        self._closed = False
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def put(self, item: _T) -> bool:
-        """Queue ``item``; False (and nothing queued) if full."""
-        if len(self._items) >= self._maxsize:
-            return False
-        self._items.append(item)
-        self._wake()
-        return True
-
-    def close(self) -> None:
-        self._closed = True
-        self._items.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def next(self) -> _T:
-        """The next item; StopAsyncIteration once closed."""
-        while not self._items:
-            if self._closed:
-                raise StopAsyncIteration
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
-        return self._items.popleft()
-
-
-class _InboxIterator(AsyncIterator[_T]):
-    __slots__ = ("_inbox",)
-
-    def __init__(self, inbox: _Inbox[_T]) -> None:
-        self._inbox = inbox
-
-    async def __anext__(self) -> _T:
-        return await self._inbox.next()
-
-
-class MemorySubscription(AsyncIterator[bytes]):
+class MemorySubscription(InboxSubscription):
     """One ``subscribe()`` call on a :class:`MemoryTransport`."""
 
-    __slots__ = ("_inbox", "_owner", "_topic")
+    __slots__ = ("_owner",)
 
     def __init__(self, owner: MemoryTransport, topic: str, queue_size: int) -> None:
+        super().__init__(topic, queue_size)
         self._owner = owner
-        self._topic = topic
-        self._inbox: _Inbox[bytes] = _Inbox(queue_size)
-
-    @property
-    def topic(self) -> str:
-        return self._topic
 
     @property
     def owner(self) -> MemoryTransport:
         return self._owner
 
-    async def __anext__(self) -> bytes:
-        return await self._inbox.next()
-
     async def aclose(self) -> None:
         self._owner._drop_subscription(self)
-
-    def _close(self) -> None:
-        self._inbox.close()
 
 
 class MemoryTransport(TransportBase):
@@ -169,7 +101,7 @@ class MemoryTransport(TransportBase):
         super().__init__()
         self._hub = hub
         self._id = peer_id
-        self._inbox: _Inbox[Inbound] = _Inbox(hub.queue_size)
+        self._inbox: Inbox[Inbound] = Inbox(hub.queue_size)
         self._subscriptions: dict[MemorySubscription, None] = {}
         self._dialed: list[str] = []
 
@@ -233,7 +165,7 @@ class MemoryTransport(TransportBase):
 
     def incoming(self) -> AsyncIterator[Inbound]:
         """Direct messages to this peer. Every call iterates the same queue."""
-        return _InboxIterator(self._inbox)
+        return InboxIterator(self._inbox)
 
     def peers(self) -> frozenset[PeerId]:
         if self._phase is not Phase.RUNNING:
@@ -269,7 +201,7 @@ class _Flight(Generic[_T]):
         self,
         sender: MemoryTransport,
         receiver: MemoryTransport,
-        inbox: _Inbox[_T],
+        inbox: Inbox[_T],
         item: _T,
     ) -> None:
         self.sender = sender
@@ -470,7 +402,7 @@ class MemoryHub:
         self,
         sender: MemoryTransport,
         receiver: MemoryTransport,
-        inbox: _Inbox[_T],
+        inbox: Inbox[_T],
         item: _T,
     ) -> None:
         if not self.reachable(sender.local_id, receiver.local_id):

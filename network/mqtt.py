@@ -55,7 +55,7 @@ from network.base import (
     TransportError,
     validate_topic,
 )
-from network.memory import _Inbox
+from network.inbox import Inbox, InboxIterator, InboxSubscription
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -110,35 +110,17 @@ def _check_peer_id(peer: str) -> bytes:
         raise ValueError(f"not a fi-peer id: {peer[:80]!r}") from exc
 
 
-class MqttSubscription(AsyncIterator[bytes]):
+class MqttSubscription(InboxSubscription):
     """One ``subscribe()`` call on an :class:`MqttTransport`."""
 
-    __slots__ = ("_inbox", "_owner", "_topic")
+    __slots__ = ("_owner",)
 
     def __init__(self, owner: MqttTransport, topic: str, queue_size: int) -> None:
+        super().__init__(topic, queue_size)
         self._owner = owner
-        self._topic = topic
-        self._inbox: _Inbox[bytes] = _Inbox(queue_size)
-
-    @property
-    def topic(self) -> str:
-        return self._topic
-
-    async def __anext__(self) -> bytes:
-        return await self._inbox.next()
 
     async def aclose(self) -> None:
         await self._owner._drop_subscription(self)
-
-
-class _Incoming(AsyncIterator[Inbound]):
-    __slots__ = ("_inbox",)
-
-    def __init__(self, inbox: _Inbox[Inbound]) -> None:
-        self._inbox = inbox
-
-    async def __anext__(self) -> Inbound:
-        return await self._inbox.next()
 
 
 class MqttTransport(TransportBase):
@@ -174,7 +156,7 @@ class MqttTransport(TransportBase):
         self._presence_prefix = f"fi/{net}/presence/"
         self._session = secrets.token_hex(6)
         self._presence_topic = f"{self._presence_prefix}{peer_id}/{self._session}"
-        self._inbox: _Inbox[Inbound] = _Inbox(queue_size)
+        self._inbox: Inbox[Inbound] = Inbox(queue_size)
         self._subscriptions: dict[str, dict[MqttSubscription, None]] = {}
         self._presence: dict[PeerId, set[str]] = {}
         self._client: aiomqtt.Client | None = None
@@ -344,7 +326,7 @@ class MqttTransport(TransportBase):
             for sub in self._subscriptions.get(topic[len(self._gossip_prefix) :], ()):
                 self._queue(sub._inbox, data)
 
-    def _queue(self, inbox: _Inbox[Any], item: object) -> None:
+    def _queue(self, inbox: Inbox[Any], item: object) -> None:
         if inbox.put(item):
             self._count("delivered")
         else:
@@ -432,7 +414,7 @@ class MqttTransport(TransportBase):
 
     def incoming(self) -> AsyncIterator[Inbound]:
         """Direct messages to this peer. Every call iterates the same queue."""
-        return _Incoming(self._inbox)
+        return InboxIterator(self._inbox)
 
     def peers(self) -> frozenset[PeerId]:
         if self._phase is not Phase.RUNNING:
