@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from web3.exceptions import Web3Exception
 
 from fi_peer.chain.abi import ContractCodec, DecodedEvent
 from fi_peer.chain.client import Deployment, default_codec
-from fi_peer.chain.errors import ChainError, ChainUnavailable
+from fi_peer.chain.errors import ChainUnavailable
+from fi_peer.chain.sqlite import SqliteStore
 from fi_peer.chain.terms import checksum
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _json_arg(value: Any) -> Any:
     return value
 
 
-class EventIndexer:
+class EventIndexer(SqliteStore):
     """Indexes the logs of ``contracts`` into a sqlite file (see module docstring)."""
 
     def __init__(
@@ -140,27 +140,7 @@ class EventIndexer:
         self.name = name or ",".join(sorted(self.contracts))
         self._chunk = chunk_blocks
         self._keep = keep_blocks
-        try:
-            self._db = sqlite3.connect(str(db), isolation_level=None)
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise ChainError(f"cannot open index {db}: {exc}") from exc
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise ChainError(f"index: {exc}") from exc
+        super().__init__(db, _SCHEMA, "index")
 
     @property
     def next_block(self) -> int:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import enum
 import json
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fi_peer.chain.errors import ChainError, InvalidReceipt
 from fi_peer.chain.receipts import PaymentReceipt, ReceiptDomain, verify_receipt
+from fi_peer.chain.sqlite import SqliteStore
 from fi_peer.chain.terms import QueryTerms, checksum
 
 _SCHEMA = """
@@ -63,32 +61,12 @@ class StoredReceipt:
     state: ReceiptState
 
 
-class ReceiptStore:
+class ReceiptStore(SqliteStore):
     """Receipts and terms for one escrow, in a sqlite file (or ``":memory:"``)."""
 
     def __init__(self, path: Path | str, domain: ReceiptDomain) -> None:
         self.domain = domain
-        try:
-            self._db = sqlite3.connect(str(path), isolation_level=None)
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise ChainError(f"cannot open receipt store {path}: {exc}") from exc
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise ChainError(f"receipt store: {exc}") from exc
+        super().__init__(path, _SCHEMA, "receipt store")
 
     @property
     def _scope(self) -> tuple[int, str]:
