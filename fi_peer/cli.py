@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -343,7 +343,6 @@ def _network_demo(
 
 
 def _print_network_report(report: dict[str, object]) -> None:
-    from typing import Any
 
     r: dict[str, Any] = report
     q, acc, wei, gas = r["queries"], r["accuracy"], r["wei"], r["gas"]
@@ -729,6 +728,24 @@ def _print_answer(answer: dict[str, object]) -> None:
         out.print(f"total {float(timings.get('total_ms', 0.0)):.0f} ms for {len(results)} inputs")
 
 
+def _daemon_get(
+    config: Path | None, state_dir: Path | None, path: str, as_json: bool
+) -> dict[str, Any] | None:
+    """GET ``path`` from the local daemon; with ``as_json`` print it and return None."""
+    from fi_peer.control import ControlClient
+
+    client = _client(config, state_dir)
+    assert isinstance(client, ControlClient)
+    try:
+        doc: dict[str, Any] = client.get(path)
+    except FiPeerError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return None
+    return doc
+
+
 @app.command()
 def peers(
     config: ConfigOption = None,
@@ -736,16 +753,8 @@ def peers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the peers your running daemon knows (from their announcements)."""
-    from fi_peer.control import ControlClient
-
-    client = _client(config, state_dir)
-    assert isinstance(client, ControlClient)
-    try:
-        doc = client.get("/v1/peers")
-    except FiPeerError as exc:
-        _fail(str(exc), 1)
-    if as_json:
-        print(json.dumps(doc, indent=2))
+    doc = _daemon_get(config, state_dir, "/v1/peers", as_json)
+    if doc is None:
         return
     rows = doc.get("peers", [])
     table = Table(title=f"{len(rows)} peers known to {str(doc.get('peer_id', ''))[:12]}")
@@ -771,16 +780,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show what your running daemon is doing."""
-    from fi_peer.control import ControlClient
-
-    client = _client(config, state_dir)
-    assert isinstance(client, ControlClient)
-    try:
-        doc = client.get("/v1/status")
-    except FiPeerError as exc:
-        _fail(str(exc), 1)
-    if as_json:
-        print(json.dumps(doc, indent=2))
+    doc = _daemon_get(config, state_dir, "/v1/status", as_json)
+    if doc is None:
         return
     t = doc.get("transport", {})
     m = doc.get("model", {})
