@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -150,6 +151,27 @@ def init(
     out.print(f"config    {config_path}")
 
 
+def _progress_bars(as_json: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
+    """One bar per phase on stderr; ``on_progress(phase, done, total)`` drives them."""
+    progress = Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=as_json,
+        disable=as_json and not err.is_terminal,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        progress.update(tasks[phase], completed=done, total=total)
+
+    return progress, on_progress
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -229,21 +251,7 @@ def demo(
     )
     if k is not None and k > peers - 1:
         _fail(f"--k must be at most peers - 1 = {peers - 1}")
-    progress = Progress(
-        TextColumn("{task.description:<14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=as_json,
-        disable=as_json and not err.is_terminal,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = progress.add_task(phase, total=total)
-        progress.update(tasks[phase], completed=done)
+    progress, on_progress = _progress_bars(as_json)
 
     try:
         with progress:
@@ -304,21 +312,7 @@ def _network_demo(
         f"{settings.queries} queries, alpha {settings.alpha:g}, {settings.epochs} epochs, "
         f"k {settings.k}, price {settings.price_wei} wei/share"
     )
-    progress = Progress(
-        TextColumn("{task.description:<14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=as_json,
-        disable=as_json and not err.is_terminal,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = progress.add_task(phase, total=total)
-        progress.update(tasks[phase], completed=done, total=total)
+    progress, on_progress = _progress_bars(as_json)
 
     def on_report(report: dict[str, object]) -> None:
         progress.stop()
