@@ -223,12 +223,20 @@ class Settler:
 
     async def withdraw(self) -> int:
         """Move this account's credited balance out; the amount (0: nothing to take)."""
-        balance = await self.client.balance()
-        if balance == 0:
+        if await self.client.balance() == 0:
             return 0
-        await self.client.withdraw()
-        self.metrics["withdrawn_wei"] += balance
-        return balance
+        # Count what the Withdrawn event says moved, not the balance read before the
+        # transaction: a settleBatch mined in between credits more, and withdraw()
+        # takes it all.
+        try:
+            result = await self.client.withdraw()
+        except ContractRevert as exc:
+            if exc.name == "NothingToWithdraw":
+                return 0
+            raise
+        amount = sum(int(e.args["amount"]) for e in result.all("Withdrawn"))
+        self.metrics["withdrawn_wei"] += amount
+        return amount
 
     async def run(self) -> None:
         """Settle every ``every_s`` seconds and claim every ``claim_every_s`` (until cancelled)."""

@@ -125,6 +125,23 @@ async def test_members_claim_with_their_receipts_when_the_querier_does_not_settl
         for _, settler in members:
             assert await settler.claim_due() == 1
             assert settler.store.receipts(state=ReceiptState.CLAIMED)
+        # the balance read before withdraw() is stale when a credit lands in between:
+        # what counts is what the transaction moved (the Withdrawn event)
+        _, settler = members[0]
+        real_balance = settler.client.balance
+
+        async def stale(account: str | None = None) -> int:
+            return 1
+
+        settler.client.balance = stale  # type: ignore[method-assign]
+        try:
+            assert await settler.withdraw() == PRICE
+            assert settler.metrics["withdrawn_wei"] == PRICE
+            assert await settler.withdraw() == 0  # NothingToWithdraw: not an error
+            assert settler.metrics["withdrawn_wei"] == PRICE
+        finally:
+            settler.client.balance = real_balance  # type: ignore[method-assign]
+        for _, settler in members[1:]:
             assert await settler.withdraw() == PRICE
     finally:
         for a in agents:
