@@ -60,29 +60,42 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _interrupt_when_parent_dies() -> Callable[[], None] | None:
-    """On Linux, a pre-exec hook asking the kernel to SIGINT anvil (which then dumps
-    its state and exits) if this process dies without stopping it: a killed test
-    run leaves no anvil behind. Only while this process has a single thread: the
-    kernel ties the signal to the thread that forked (a worker thread may end
-    before us), and a pre-exec hook is only safe without other threads."""
-    if sys.platform != "linux" or threading.active_count() != 1:
+def parent_death_hook(sig: int) -> Callable[[], None] | None:
+    """On Linux, a pre-exec hook (``Popen(preexec_fn=...)``) asking the kernel to
+    send ``sig`` to the child when this process dies, even by SIGKILL: nothing it
+    started outlives it. None elsewhere, and outside the main thread (the kernel
+    ties the signal to the thread that forked, and a worker thread may end before
+    the process). The hook only calls prctl(2), getppid(2) and _exit(2), which are
+    safe between fork and exec while other threads run; if the parent died before
+    prctl took effect, the child exits at once."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     prctl = libc.prctl
-    sigint = int(signal.SIGINT)
+    signum, parent = int(sig), os.getpid()
 
     def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigint, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
 
     return hook
 
 
+def _interrupt_when_parent_dies() -> Callable[[], None] | None:
+    """anvil gets SIGINT (it then dumps its state and exits) if this process dies
+    without stopping it: a killed test run or demo leaves no anvil behind."""
+    return parent_death_hook(signal.SIGINT)
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like anvil's own listener: a previous anvil's connections in TIME_WAIT do
+        # not make the port busy (a restart on the same port), a live listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

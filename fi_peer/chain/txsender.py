@@ -122,15 +122,26 @@ class TxSender:
         self._next_nonce = None
 
     async def send(
-        self, *, to: str | None, data: bytes, value: int = 0, gas: int | None = None
+        self,
+        *,
+        to: str | None,
+        data: bytes,
+        value: int = 0,
+        gas: int | None = None,
+        extra_gas: int = 0,
     ) -> TxResult:
-        """Estimate, sign, send and wait; :class:`ContractRevert` if the call reverts."""
+        """Estimate, sign, send and wait; :class:`ContractRevert` if the call reverts.
+
+        ``extra_gas`` is added to the estimate: for calls whose cost can grow
+        between estimation and mining through other accounts' transactions
+        (a storage slot written back to zero meanwhile costs 17,100 more to set)."""
         tx: dict[str, Any] = {"from": self.address, "data": data, "value": value}
         if to is not None:
             tx["to"] = to
         if gas is None:
             estimate = await self.read(self._w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
             gas = estimate * (100 + self.policy.margin_percent) // 100 + self.policy.margin_gas
+            gas += extra_gas
         tx_hash = await self._submit(tx, gas)
         return await self._wait(tx_hash)
 
