@@ -31,6 +31,19 @@ libp2p subscription per topic, fanned out to every local
 :class:`Libp2pSubscription`; the host's own publications come back on its
 subscription and are filtered out by ``from_id``.
 
+Flood control: GossipSub relays a message (and keeps it for IHAVE/IWANT
+replay to peers that join later) once it passes the topic validators, so
+ours (:meth:`_Node._validate`) decides what is relayed, BEFORE relay: a
+message whose originator (its libp2p-signed ``from_id``) or forwarding
+connection is over its rate (:class:`GossipSettings` ``relay_*`` and
+``link_*`` token buckets), that is too large, or that the optional
+``gossip_validator`` (given by the daemon: a stateless check of the
+envelope, its signature, time window and that it was signed by its
+originator) refuses, is neither relayed nor cached. It is still handed to
+the local subscribers, which judge and count it themselves (the transport
+decides what it forwards, never what the peer accepts); counted here as
+``gossip_rate_limited`` and ``gossip_invalid``.
+
 Direct messages: protocol ``/fi/1.0.0``, one long-lived stream per
 destination opened on the first send and reused, frames = 4-byte big-endian
 length + payload. Each destination has its own bounded outbox and writer
@@ -51,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -86,6 +100,7 @@ from network.base import (
     validate_topic,
 )
 from network.inbox import Inbox, InboxIterator, InboxSubscription
+from network.ratelimit import RateLimiter
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -93,6 +108,7 @@ __all__ = [
     "DIRECT_PROTOCOL",
     "GOSSIP_PROTOCOL",
     "GossipSettings",
+    "GossipValidator",
     "Libp2pSubscription",
     "Libp2pTransport",
     "from_libp2p_id",
@@ -119,6 +135,10 @@ _STOP_GRACE_S: Final = 5.0
 _ED25519_ID_PREFIX: Final = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 
 _T = TypeVar("_T")
+
+GossipValidator = Callable[[PeerId, str, bytes], bool]
+"""``(originator's fi-peer id, topic, data) -> relay it?``; called in the trio
+thread for every gossip message from another peer, so thread-safe and cheap."""
 
 
 # -- identities ----------------------------------------------------------------------
@@ -394,12 +414,26 @@ class GossipSettings:
     heartbeat_interval: int = 1
     heartbeat_initial_delay: float = 0.1
     time_to_live: int = 60
+    # Relayed at most, per originator: messages per second and burst. An honest
+    # peer gossips an announcement per interval and one request per query it asks
+    # (our own messages reach every subscriber directly: floodPublish), so only a
+    # flood, or a querier asking more than this many queries per second of peers
+    # not directly connected to it, is held back from relay.
+    relay_rate: float = 50.0
+    relay_burst: int = 200
+    # ... and per connection (what one neighbour may make us relay, all origins).
+    link_rate: float = 500.0
+    link_burst: int = 2000
 
     def __post_init__(self) -> None:
         if not 1 <= self.degree_low <= self.degree <= self.degree_high:
             raise ValueError("gossip degrees must satisfy 1 <= low <= degree <= high")
         if self.heartbeat_interval < 1:
             raise ValueError("heartbeat_interval must be >= 1 s")
+        if not (self.relay_rate > 0 and self.link_rate > 0):
+            raise ValueError("relay_rate and link_rate must be > 0")
+        if self.relay_burst < 1 or self.link_burst < 1:
+            raise ValueError("relay_burst and link_burst must be >= 1")
 
 
 # -- trio side: one host -----------------------------------------------------------------
@@ -480,6 +514,7 @@ class _Node:
         dial_timeout: float,
         bridge: _Bridge,
         counters: _Counters,
+        validator: GossipValidator | None = None,
     ) -> None:
         self._key_pair = create_new_key_pair(seed)
         self._listen = list(listen)
@@ -507,6 +542,10 @@ class _Node:
         ](math.inf)
         self._own_id = b""
         self._mdns_handler: Callable[[PeerInfo], None] | None = None
+        self._validator = validator
+        # Only ever used in the trio thread (in _validate).
+        self._relay_limit = RateLimiter(gossip.relay_rate, gossip.relay_burst)
+        self._link_limit = RateLimiter(gossip.link_rate, gossip.link_burst)
 
     # -- lifecycle (trio) --
 
@@ -695,6 +734,9 @@ class _Node:
             if pubsub is None or self._nursery is None or topic in self._topics:
                 return
             subscription = await pubsub.subscribe(topic)
+            pubsub.set_topic_validator(
+                topic, functools.partial(self._validate, topic), is_async_validator=False
+            )
             scope = trio.CancelScope()
             self._topics[topic] = scope
             self._nursery.start_soon(self._pump, topic, subscription, scope)
@@ -707,6 +749,7 @@ class _Node:
             if scope is None or self._pubsub is None:
                 return
             scope.cancel()
+            self._pubsub.remove_topic_validator(topic)
             await self._pubsub.unsubscribe(topic)
 
         await self._ordered(op)
@@ -723,6 +766,39 @@ class _Node:
                     self._bridge.put(("gossip", topic, bytes(message.data)))
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
+
+    def _validate(self, topic: str, forwarder: ID, message: Any) -> bool:
+        """Whether GossipSub may relay (and cache) ``message``: see the module docs.
+
+        A refused message goes to the local subscribers all the same (the
+        validation cache makes sure that happens once per message id)."""
+        try:
+            origin = bytes(message.from_id)
+            if forwarder.to_bytes() == self._own_id or origin == self._own_id:
+                return True  # our own publication (or a forgery Pubsub drops itself)
+            data = bytes(message.data)
+            now = trio.current_time()
+            link = forwarder.to_bytes()
+            if not (self._relay_limit.ready(origin, now) and self._link_limit.ready(link, now)):
+                verdict = "gossip_rate_limited"
+            else:
+                self._relay_limit.take(origin, now)
+                self._link_limit.take(link, now)
+                verdict = "" if len(data) <= self._max else "gossip_invalid"
+                if not verdict and self._validator is not None:
+                    sender = from_libp2p_id(ID(origin)) or ""
+                    if not self._validator(sender, topic, data):
+                        verdict = "gossip_invalid"
+            if not verdict:
+                return True
+            self._counters.add(verdict)
+            if len(data) <= self._max:
+                self._bridge.put(("gossip", topic, data))
+            return False
+        except Exception as exc:  # never let a validator error break the stream
+            self._counters.add("gossip_invalid")
+            log.debug("gossip validation on %s failed: %s", topic, describe_error(exc))
+            return False
 
     async def gossip_view(self, topic: str) -> tuple[frozenset[PeerId], frozenset[PeerId]]:
         pubsub, router = self._pubsub, self._router
@@ -897,6 +973,8 @@ class Libp2pTransport(TransportBase):
     ``bytes(signing_key)``); ``local_id`` is the hex of its public key.
     ``listen`` holds multiaddrs (default: an ephemeral port on 127.0.0.1);
     ``mdns`` enables LAN discovery (found peers are dialled).
+    ``gossip_validator`` (optional) decides, with the rate limits of ``gossip``,
+    which gossip this host relays; see the module docs ("Flood control").
     """
 
     def __init__(
@@ -909,8 +987,10 @@ class Libp2pTransport(TransportBase):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         dial_timeout: float = 5.0,
+        gossip_validator: GossipValidator | None = None,
     ) -> None:
         super().__init__()
+        self._stats.update(gossip_rate_limited=0, gossip_invalid=0)
         if len(seed) != 32:
             raise ValueError("seed must be the 32-byte Ed25519 seed")
         if not 0 < max_message_size <= DEFAULT_MAX_MESSAGE_SIZE:
@@ -930,6 +1010,7 @@ class Libp2pTransport(TransportBase):
         self._max = max_message_size
         self._queue_size = queue_size
         self._dial_timeout = dial_timeout
+        self._gossip_validator = gossip_validator
         self._thread: _TrioThread | None = None
         self._node: _Node | None = None
         self._bridge: _Bridge | None = None
@@ -995,6 +1076,7 @@ class Libp2pTransport(TransportBase):
                 dial_timeout=self._dial_timeout,
                 bridge=self._bridge,
                 counters=self._counters,
+                validator=self._gossip_validator,
             )
             thread = _TrioThread.acquire()
             self._thread = thread

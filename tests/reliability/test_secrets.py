@@ -1,11 +1,13 @@
 """Secrets stay secret: keystores encrypted at rest (0600), the control API on
 127.0.0.1 only and token-protected, and no secret in any log of a real run.
 
-A small network (three ``fi-peer run --verbose`` processes over a private
-Mosquitto, encrypted keystores opened with $FI_PEER_PASSPHRASE) answers a
-query; then every log file, stdout/stderr included, is searched for each
-peer's passphrase, Ed25519 seed, X25519 secret (hex and base64) and control
-token. No chain is configured here, so there is no Ethereum key to look for.
+A small paid network (three ``fi-peer run --verbose`` processes over a
+private Mosquitto, encrypted keystores opened with $FI_PEER_PASSPHRASE, a
+``[chain]`` table each on anvil with a fresh Ethereum key in a 0600
+``eth_key_file``) answers a paid query, settles it and withdraws; then every
+log file, stdout/stderr included, is searched for each peer's passphrase,
+Ed25519 seed, X25519 secret (hex and base64), Ethereum private key (hex, with
+and without 0x) and control token.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import Any
 
 import pytest
 
-from fi_peer.config import PeerConfig, write_config
+from fi_peer.config import ChainConfig, PeerConfig, write_config
 from fi_peer.control import ControlClient, ControlError, read_control_file
 from fi_peer.errors import WrongPassphrase
 from fi_peer.identity import Identity, load_keystore, save_keystore
 
 ROOT = Path(__file__).resolve().parents[2]
+PRICE = 10**15
 
 
 def secret_forms(identity: Identity) -> dict[str, str]:
@@ -72,7 +75,12 @@ class Node:
     identity: Identity
     passphrase: str
     log: Path
+    eth_key: str = ""  # 0x + 64 hex: the peer's fresh Ethereum private key
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def eth_key_file(self) -> Path:
+        return self.state / "eth.key"
 
     @property
     def control(self) -> Path:
@@ -122,20 +130,34 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def secret_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretNet]:
+    from eth_account import Account
+
+    from fi_peer.chain.anvil import AnvilConfig, AnvilProcess
+    from tests.chain.conftest import require_anvil
     from tests.integration.support import Mosquitto, load_local_network, require_mosquitto
 
     require_mosquitto()
+    require_anvil()
     folder = tmp_path_factory.mktemp("secrets")
     local_network = load_local_network()
     models: list[Path] = local_network.ensure_models(folder / "models", 3, 0.5, 1, 5)
-    broker = Mosquitto(folder).start()
+    anvil = AnvilProcess(AnvilConfig(accounts=2))
+    anvil.start()
+    broker: Any = None
     net = SecretNet(folder)
     try:
+        deployment_file = folder / "deployment.json"
+        _deploy(anvil.rpc_url).save(deployment_file)
+        broker = Mosquitto(folder).start()
         for i, model in enumerate(models):
             state = folder / f"peer-{i}"
             identity = Identity.generate()
             passphrase = f"pass-{os.urandom(12).hex()}"
             save_keystore(state / "keystore.json", identity, passphrase)
+            # a fresh Ethereum account (not a well-known dev key), funded on anvil
+            account = Account.create()
+            eth_key = "0x" + bytes(account.key).hex()
+            _fund(anvil.rpc_url, account.address)
             config = PeerConfig(
                 name=f"peer-{i}",
                 net="secrets",
@@ -152,9 +174,24 @@ def secret_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretNet]:
                 k=2,
                 per_querier_epsilon=math.inf,
                 global_epsilon=math.inf,
+                price_wei=PRICE,
+                max_price_wei=PRICE,
+                chain=ChainConfig(
+                    rpc_url=anvil.rpc_url,
+                    deployment=deployment_file,
+                    eth_key_file=state / "eth.key",
+                    settle_every_queries=1,
+                    settle_every_s=60.0,
+                    claim_every_s=1.0,
+                    settle_window_s=3600,
+                    auto_withdraw=True,
+                ),
             )
             write_config(state / "config.toml", config)
-            node = Node(state, identity, passphrase, folder / f"peer-{i}.log")
+            node = Node(state, identity, passphrase, folder / f"peer-{i}.log", eth_key)
+            fd = os.open(node.eth_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(eth_key)
             env = {**os.environ, "FI_PEER_PASSPHRASE": passphrase, "PYTHONUNBUFFERED": "1"}
             with open(node.log, "ab") as log:
                 node.process = subprocess.Popen(
@@ -184,12 +221,69 @@ def secret_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretNet]:
         net.answer = (
             net.nodes[0]
             .client()
-            .post("/v1/query", {"input": sample, "k": 2, "timeout_s": 8}, timeout=20)
+            .post(
+                "/v1/query",
+                {"input": sample, "k": 2, "timeout_s": 8, "max_price_wei": PRICE},
+                timeout=20,
+            )
+        )
+        # the full paid path: the querier settles, the members withdraw
+        delivered = net.answer["results"][0].get("payment", {}).get("delivered", [])
+        _wait(
+            lambda: _chain_metrics(net.nodes[0]).get("settle.queries", 0) == 1,
+            30,
+            "the settlement",
+        )
+        _wait(
+            lambda: (
+                sum(_chain_metrics(n).get("withdrawn_wei", 0) for n in net.nodes)
+                == PRICE * len(delivered)
+            ),
+            30,
+            "the withdrawals",
         )
         yield net
     finally:
         net.stop()
-        broker.stop()
+        if broker is not None:
+            broker.stop()
+        anvil.stop()
+
+
+def _chain_metrics(node: Node) -> dict[str, int]:
+    metrics: dict[str, int] = node.client().get("/v1/status")["chain"]["metrics"]
+    return metrics
+
+
+def _deploy(rpc_url: str) -> Any:
+    import asyncio
+
+    from web3 import AsyncHTTPProvider, AsyncWeb3
+
+    from fi_peer.chain.anvil import dev_accounts
+    from fi_peer.chain.client import deploy_contracts
+
+    async def deploy() -> Any:
+        w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url))
+        try:
+            return await deploy_contracts(w3, dev_accounts()[0], claim_grace_s=30)
+        finally:
+            await w3.provider.disconnect()
+
+    return asyncio.run(deploy())
+
+
+def _fund(rpc_url: str, address: str) -> None:
+    import urllib.request
+
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "anvil_setBalance", "params": [address, hex(10**21)]}
+    ).encode()
+    request = urllib.request.Request(
+        rpc_url, data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert "result" in json.loads(response.read())
 
 
 def _request(url: str, token: str | None, host: str | None = None) -> int:
@@ -211,13 +305,15 @@ def _request(url: str, token: str | None, host: str | None = None) -> int:
 @pytest.mark.slow
 def test_query_ran(secret_net: SecretNet) -> None:
     assert [r["reason"] for r in secret_net.answer["results"]] == ["ok"], secret_net.answer
+    payment = secret_net.answer["results"][0]["payment"]
+    assert payment["price_wei"] == PRICE and len(payment["delivered"]) == 2, payment
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_state_files_are_private(secret_net: SecretNet) -> None:
     for node in secret_net.nodes:
-        for name in ("keystore.json", "control.json"):
+        for name in ("keystore.json", "control.json", "eth.key"):
             mode = stat.S_IMODE((node.state / name).stat().st_mode)
             assert mode == 0o600, f"{node.state / name} has mode {mode:o}"
         text = (node.state / "keystore.json").read_text()
@@ -258,6 +354,9 @@ def test_no_secret_in_logs_or_api(secret_net: SecretNet) -> None:
             secrets[f"peer-{i} {what}"] = form
         secrets[f"peer-{i} passphrase"] = node.passphrase
         secrets[f"peer-{i} control token"] = secret_net.tokens[i]
+        secrets[f"peer-{i} eth key (0x hex)"] = node.eth_key
+        secrets[f"peer-{i} eth key (hex)"] = node.eth_key.removeprefix("0x")
+        secrets[f"peer-{i} eth key (HEX)"] = node.eth_key.removeprefix("0x").upper()
     # what the control API shows is as public as a log
     api = json.dumps(
         [n.client().get("/v1/status") for n in secret_net.nodes]
