@@ -27,6 +27,8 @@ them. Example::
     [network]
     transport = "libp2p"       # or "mqtt"
     listen = ["/ip4/127.0.0.1/tcp/0"]
+    announce = []              # addresses others dial, before the listening ones (the
+                               # public IP behind NAT: "/ip4/203.0.113.7/tcp/4001")
     bootstrap = ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW..."]
     mdns = false
     broker = "mqtt://127.0.0.1:1883"
@@ -37,6 +39,7 @@ them. Example::
     [control]
     host = "127.0.0.1"         # loopback only
     port = 0                   # 0: any free port (written to <state_dir>/control.json)
+    public_metrics = false     # true: GET /metrics needs no token (for Prometheus)
 
     [query]
     rule = "evidence"
@@ -77,6 +80,7 @@ them. Example::
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -116,25 +120,37 @@ class ChainConfig:
     receipts: Path = Path("receipts.sqlite")
 
     def __post_init__(self) -> None:
-        if not self.rpc_url.startswith(("http://", "https://")):
-            raise ConfigError(f"chain.rpc_url must be an http(s) URL, got {self.rpc_url!r}")
+        _require(
+            self.rpc_url.startswith(("http://", "https://")),
+            f"chain.rpc_url must be an http(s) URL, got {self.rpc_url!r}",
+            'rpc_url = "https://rpc.example.org" (your node\'s JSON-RPC endpoint)',
+        )
         direct = bool(self.escrow or self.registry or self.chain_id)
-        if (self.deployment is None) == (not direct):
-            raise ConfigError(
-                "chain needs either a deployment file or chain_id, escrow and registry"
-            )
-        if direct and not (self.chain_id > 0 and _is_address(self.escrow)):
-            raise ConfigError("chain.chain_id must be > 0 and chain.escrow an 0x address")
-        if direct and not _is_address(self.registry):
-            raise ConfigError("chain.registry must be an 0x address")
-        if self.eth_key_file is None and not self.eth_key_env:
-            raise ConfigError("chain needs eth_key_file or eth_key_env")
-        if not 1 <= self.settle_every_queries <= 10_000:
-            raise ConfigError("chain.settle_every_queries must be 1..10000")
-        if not 0.1 <= self.settle_every_s <= 86_400 or not 0.1 <= self.claim_every_s <= 86_400:
-            raise ConfigError("chain.settle_every_s and claim_every_s must be 0.1..86400")
-        if not 1 <= self.settle_window_s <= 30 * 86_400:
-            raise ConfigError("chain.settle_window_s must be 1..2592000")
+        _require(
+            (self.deployment is None) != (not direct),
+            "chain needs either a deployment file or chain_id, escrow and registry",
+            'set deployment = "deployment.json" (written by `fi-peer deploy`) '
+            "or chain_id, escrow and registry, not both",
+        )
+        _require(
+            not direct or (self.chain_id > 0 and _is_address(self.escrow)),
+            "chain.chain_id must be > 0 and chain.escrow an 0x address",
+            "copy chain_id and escrow from the deployment (40 hex digits after 0x)",
+        )
+        _require(
+            not direct or _is_address(self.registry),
+            "chain.registry must be an 0x address",
+            "copy registry from the deployment (40 hex digits after 0x)",
+        )
+        _require(
+            self.eth_key_file is not None or bool(self.eth_key_env),
+            "chain needs eth_key_file or eth_key_env",
+            'eth_key_file = "eth.key" (hex key, chmod 600) or eth_key_env = "FI_PEER_ETH_KEY"',
+        )
+        _in_range("chain.settle_every_queries", self.settle_every_queries, 1, 10_000)
+        _in_range("chain.settle_every_s", self.settle_every_s, 0.1, 86_400)
+        _in_range("chain.claim_every_s", self.claim_every_s, 0.1, 86_400)
+        _in_range("chain.settle_window_s", self.settle_window_s, 1, 30 * 86_400)
 
     def to_toml(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"rpc_url": self.rpc_url}
@@ -153,6 +169,22 @@ class ChainConfig:
             "auto_withdraw": self.auto_withdraw,
             "receipts": str(self.receipts),
         }
+
+
+def _require(ok: bool, problem: str, fix: str) -> None:
+    """A ConfigError that names the key, what is wrong and how to fix it."""
+    if not ok:
+        raise ConfigError(f"{problem}; fix: {fix}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    """``key`` must be in low..high (inclusive)."""
+    section, _, name = key.rpartition(".")
+    _require(
+        not math.isnan(value) and low <= value <= high,
+        f"{key} must be {low:g}..{high:g}, got {value!r}",
+        f"set {name} in [{section}] to a value in that range",
+    )
 
 
 def _is_address(value: str) -> bool:
@@ -174,6 +206,7 @@ class PeerConfig:
     # [network]
     transport: str = "libp2p"
     listen: tuple[str, ...] = DEFAULT_LISTEN
+    announce: tuple[str, ...] = ()
     bootstrap: tuple[str, ...] = ()
     mdns: bool = False
     broker: str = DEFAULT_BROKER
@@ -183,6 +216,7 @@ class PeerConfig:
     # [control]
     control_host: str = "127.0.0.1"
     control_port: int = 0
+    public_metrics: bool = False  # GET /metrics without the token (still loopback only)
     # [query]
     rule: str = "evidence"
     k: int = 4
@@ -205,45 +239,86 @@ class PeerConfig:
     chain: ChainConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or not self.net.isascii() or "/" in self.net or not self.net:
-            raise ConfigError("name and net must be non-empty; net is ASCII without '/'")
-        if any(c in self.net for c in "+#$ \x00"):
-            raise ConfigError("net must not contain '+', '#', '$', spaces or NUL")
-        if self.price_wei < 0 or self.capacity < 1:
-            raise ConfigError("price_wei must be >= 0 and capacity >= 1")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"network.transport must be one of {', '.join(TRANSPORTS)}")
-        if self.transport == "libp2p" and not self.listen:
-            raise ConfigError("network.listen needs at least one address for libp2p")
-        if not self.broker.startswith("mqtt://"):
-            raise ConfigError(
-                f"network.broker must be an mqtt://host:port URL, got {self.broker!r}"
-            )
-        if not 100 <= self.announce_interval_ms <= 3_600_000 or not 1 <= self.missed_beats <= 100:
-            raise ConfigError("announce_interval_ms must be 100..3600000 and missed_beats 1..100")
-        if not _is_loopback(self.control_host):
-            raise ConfigError(
-                f"control.host must be a loopback address (the API has no TLS), got "
-                f"{self.control_host!r}"
-            )
-        if not 0 <= self.control_port <= 65535:
-            raise ConfigError("control.port must be 0..65535")
-        if not 1 <= self.k <= MAX_K or not 1 <= self.min_committee <= MAX_K:
-            raise ConfigError(f"query.k and query.min_committee must be 1..{MAX_K}")
-        if not 0.1 <= self.query_timeout_s <= 110 or not 10 <= self.offer_window_ms <= 60_000:
-            raise ConfigError("query.timeout_s must be 0.1..110 and offer_window_ms 10..60000")
-        if self.max_price_wei < 0:
-            raise ConfigError("query.max_price_wei must be >= 0")
-        if not (0 <= self.epsilon < math.inf) or not 0 < self.delta < 1:
-            raise ConfigError("privacy.epsilon must be >= 0 and finite, delta in (0, 1)")
+        _require(bool(self.name), "peer.name must not be empty", 'name = "alice" in [peer]')
+        _require(
+            bool(self.net) and self.net.isascii() and "/" not in self.net,
+            f"peer.net must be non-empty ASCII without '/', got {self.net!r}",
+            'net = "local" in [peer] (every peer of one network uses the same name)',
+        )
+        _require(
+            not any(c in self.net for c in "+#$ \x00"),
+            f"peer.net must not contain '+', '#', '$', spaces or NUL, got {self.net!r}",
+            "use letters, digits, '-' and '_' only",
+        )
+        _require(
+            self.price_wei >= 0,
+            f"market.price_wei must be >= 0, got {self.price_wei}",
+            "price_wei = 0 (free) or a price in wei in [market]",
+        )
+        _require(
+            self.capacity >= 1,
+            f"market.capacity must be >= 1, got {self.capacity}",
+            "capacity = 64 in [market]",
+        )
+        _require(
+            self.transport in TRANSPORTS,
+            f"network.transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}",
+            'transport = "libp2p" (peer to peer) or "mqtt" (via a broker) in [network]',
+        )
+        _require(
+            self.transport != "libp2p" or bool(self.listen),
+            "network.listen needs at least one address for libp2p",
+            'listen = ["/ip4/0.0.0.0/tcp/4001"] in [network]',
+        )
+        _require(
+            self.broker.startswith("mqtt://"),
+            f"network.broker must be an mqtt://host:port URL, got {self.broker!r}",
+            'broker = "mqtt://broker.example.org:1883" in [network]',
+        )
+        _in_range("network.announce_interval_ms", self.announce_interval_ms, 100, 3_600_000)
+        _in_range("network.missed_beats", self.missed_beats, 1, 100)
+        _require(
+            _is_loopback(self.control_host),
+            "control.host must be a loopback address (the API has no TLS), got "
+            f"{self.control_host!r}",
+            'host = "127.0.0.1" in [control] (reach it from elsewhere through an SSH tunnel)',
+        )
+        _in_range("control.port", self.control_port, 0, 65535)
+        from fi_peer.models.aggregation import RULES  # numpy only; not needed before here
+
+        _require(
+            self.rule in RULES,
+            f"query.rule must be one of {', '.join(RULES)}, got {self.rule!r}",
+            'rule = "evidence" in [query] (the rule that works on non-IID data)',
+        )
+        _in_range("query.k", self.k, 1, MAX_K)
+        _in_range("query.min_committee", self.min_committee, 1, MAX_K)
+        _in_range("query.timeout_s", self.query_timeout_s, 0.1, 110)
+        _in_range("query.offer_window_ms", self.offer_window_ms, 10, 60_000)
+        _require(
+            self.max_price_wei >= 0,
+            f"query.max_price_wei must be >= 0, got {self.max_price_wei}",
+            "max_price_wei = 0 (only free answers) or the most you pay one member, in [query]",
+        )
+        _require(
+            0 <= self.epsilon < math.inf,
+            f"privacy.epsilon must be >= 0 and finite, got {self.epsilon!r}",
+            "epsilon = 2.0 in [privacy] (0: no DP noise)",
+        )
+        _require(
+            0 < self.delta < 1,
+            f"privacy.delta must be in (0, 1), got {self.delta!r}",
+            "delta = 1e-5 in [privacy]",
+        )
         for key in ("per_querier_epsilon", "global_epsilon", "max_query_epsilon"):
             value = getattr(self, key)
-            if math.isnan(value) or value < 0:
-                raise ConfigError(f"privacy.{key} must be >= 0 (inf: unlimited)")
-        if self.epoch_s < 1:
-            raise ConfigError("privacy.epoch_s must be >= 1")
-        if not 1 <= self.max_concurrent <= 10_000:
-            raise ConfigError("query.max_concurrent must be 1..10000")
+            _require(
+                not math.isnan(value) and value >= 0,
+                f"privacy.{key} must be >= 0 (inf: unlimited), got {value!r}",
+                f"{key} = 20.0 in [privacy], or inf for no limit",
+            )
+        _in_range("privacy.epoch_s", self.epoch_s, 1, math.inf)
+        _in_range("query.max_concurrent", self.max_concurrent, 1, 10_000)
 
     @property
     def ledger_file(self) -> Path:
@@ -273,6 +348,7 @@ class PeerConfig:
         doc["network"] = {
             "transport": self.transport,
             "listen": list(self.listen),
+            "announce": list(self.announce),
             "bootstrap": list(self.bootstrap),
             "mdns": self.mdns,
             "broker": self.broker,
@@ -280,7 +356,11 @@ class PeerConfig:
             "announce_interval_ms": self.announce_interval_ms,
             "missed_beats": self.missed_beats,
         }
-        doc["control"] = {"host": self.control_host, "port": self.control_port}
+        doc["control"] = {
+            "host": self.control_host,
+            "port": self.control_port,
+            "public_metrics": self.public_metrics,
+        }
         doc["query"] = {
             "rule": self.rule,
             "k": self.k,
@@ -324,6 +404,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
         {
             "transport",
             "listen",
+            "announce",
             "bootstrap",
             "mdns",
             "broker",
@@ -332,7 +413,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "missed_beats",
         }
     ),
-    "control": frozenset({"host", "port"}),
+    "control": frozenset({"host", "port", "public_metrics"}),
     "query": frozenset(
         {
             "rule",
@@ -380,8 +461,11 @@ _SECTIONS: dict[str, frozenset[str]] = {
 def _chain(table: dict[str, Any], base: Path) -> ChainConfig | None:
     rpc_url = _get(table, "rpc_url", str, "", "chain")
     if not rpc_url:
-        if table:
-            raise ConfigError("chain.rpc_url is required in [chain]")
+        _require(
+            not table,
+            "chain.rpc_url is required in [chain]",
+            'add rpc_url = "https://..." to [chain], or delete [chain] for unpaid queries',
+        )
         return None
     deployment = _get(table, "deployment", str, "", "chain")
     key_file = _get(table, "eth_key_file", str, "", "chain")
@@ -408,8 +492,27 @@ def _get(table: dict[str, Any], key: str, kind: type, default: Any, section: str
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         where = f"{section}.{key}" if section else key
-        raise ConfigError(f"{where} must be a {kind.__name__}")
+        raise ConfigError(
+            f"{where} must be a {kind.__name__}, got {value!r}; fix: {_TYPE_FIX[kind]} "
+            f"(e.g. {key} = {_toml_value(default)}{f' in [{section}]' if section else ''})"
+        )
     return value
+
+
+_TYPE_FIX: dict[type, str] = {
+    int: "write a whole number without quotes",
+    float: "write a number without quotes",
+    bool: "write true or false without quotes",
+    str: "write a quoted string",
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
 
 
 def _strings(
@@ -417,23 +520,39 @@ def _strings(
 ) -> tuple[str, ...]:
     value = table.get(key, list(default))
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{section}.{key} must be a list of strings")
+        raise ConfigError(
+            f"{section}.{key} must be a list of strings, got {value!r}; "
+            f'fix: {key} = ["/ip4/203.0.113.7/tcp/4001"] in [{section}] (brackets and quotes)'
+        )
     return tuple(value)
 
 
 def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
-    if doc.get("version") != CONFIG_VERSION:
-        raise ConfigError(f"unsupported config version {doc.get('version')!r}")
+    _require(
+        doc.get("version") == CONFIG_VERSION,
+        f"unsupported config version {doc.get('version')!r}",
+        f"the file must start with `version = {CONFIG_VERSION}` (this fi-peer reads version "
+        f"{CONFIG_VERSION}; `fi-peer init --force` writes a fresh one)",
+    )
     tables: dict[str, dict[str, Any]] = {}
     for section, known in _SECTIONS.items():
         table = doc.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"[{section}] must be a table")
+        _require(
+            isinstance(table, dict),
+            f"[{section}] must be a table",
+            f"write it as a [{section}] header followed by key = value lines",
+        )
         unknown = sorted(set(table) - known)
         if unknown:
+            hints = [
+                f"{name} -> {close[0]}"
+                for name in unknown
+                if (close := difflib.get_close_matches(name, known, n=1))
+            ]
             raise ConfigError(
                 f"unknown key(s) in [{section}]: {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(known))})"
+                f"(known: {', '.join(sorted(known))}); fix: "
+                + (f"did you mean {', '.join(hints)}?" if hints else "remove or rename them")
             )
         tables[section] = table
     peer, keys, model, market = tables["peer"], tables["keys"], tables["model"], tables["market"]
@@ -451,6 +570,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
         capacity=_get(market, "capacity", int, 64, "market"),
         transport=_get(network, "transport", str, "libp2p", "network"),
         listen=_strings(network, "listen", DEFAULT_LISTEN, "network"),
+        announce=_strings(network, "announce", (), "network"),
         bootstrap=_strings(network, "bootstrap", (), "network"),
         mdns=_get(network, "mdns", bool, False, "network"),
         broker=_get(network, "broker", str, DEFAULT_BROKER, "network"),
@@ -459,6 +579,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
         missed_beats=_get(network, "missed_beats", int, 3, "network"),
         control_host=_get(control, "host", str, "127.0.0.1", "control"),
         control_port=_get(control, "port", int, 0, "control"),
+        public_metrics=_get(control, "public_metrics", bool, False, "control"),
         rule=_get(query, "rule", str, "evidence", "query"),
         k=_get(query, "k", int, 4, "query"),
         query_timeout_s=_get(query, "timeout_s", float, 10.0, "query"),
@@ -488,7 +609,10 @@ def load_config(path: Path) -> PeerConfig:
         raise ConfigError(f"no config at {path} (run `fi-peer init` first)") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    return parse_config(doc, path.parent.absolute())
+    try:
+        return parse_config(doc, path.parent.absolute())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def write_config(path: Path, config: PeerConfig) -> None:

@@ -8,10 +8,14 @@ read that file and call the API. Every request must carry
 
 Endpoints (all JSON):
 
-``GET /v1/status``   who this peer is, transport, model, counters
+``GET /v1/status``   who this peer is, transport, model, counters, privacy budget
+                     left (global and per querier), earnings and pending settlements
 ``GET /v1/peers``    the membership table (peers heard from, not yet expired)
 ``POST /v1/query``   ``{"input": [...] | [[...], ...], "rule"?, "k"?, "timeout_s"?,
-                     "max_price_wei"?}`` -> the collective answer(s)
+                     "max_price_wei"?, "input_private"?}`` -> the collective answer(s)
+                     (``input_private``: the HE mode, fi_peer.he_runtime)
+``GET /metrics``     Prometheus text format (``fi_peer.metrics``); the one endpoint
+                     that may be served without the token (``[control] public_metrics``)
 
 One request per connection (``Connection: close``), bounded header and body
 sizes, and a read deadline, so a stuck client costs one task for a few
@@ -35,6 +39,7 @@ import secrets
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -48,6 +53,7 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
 READ_TIMEOUT_S = 10.0
 CONTROL_FILE_VERSION = 1
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Json = dict[str, Any]
 
@@ -65,7 +71,10 @@ class RequestError(Exception):
 
 
 class ControlHandler(Protocol):
-    def status(self) -> Json: ...
+    """What the server calls; ``status`` may be a coroutine function (chain reads),
+    and a handler with a ``metrics() -> str`` method also serves ``GET /metrics``."""
+
+    def status(self) -> Json | Awaitable[Json]: ...
 
     def peers(self) -> Json: ...
 
@@ -146,10 +155,17 @@ class ControlServer:
     """Serves a :class:`ControlHandler` on ``host:port`` (port 0: any free one)."""
 
     def __init__(
-        self, handler: ControlHandler, *, token: str, host: str = "127.0.0.1", port: int = 0
+        self,
+        handler: ControlHandler,
+        *,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_metrics: bool = False,
     ):
         self._handler = handler
         self._token = token.encode()
+        self._public_metrics = public_metrics
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -187,10 +203,14 @@ class ControlServer:
             self._tasks.add(task)
         try:
             status, body = await self._respond(reader)
-            payload = json.dumps(body, separators=(",", ":")).encode()
+            if isinstance(body, str):
+                payload, content_type = body.encode(), METRICS_CONTENT_TYPE
+            else:
+                payload = json.dumps(body, separators=(",", ":")).encode()
+                content_type = "application/json"
             reason = HTTPStatus(status).phrase
             head = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + payload)
@@ -204,7 +224,7 @@ class ControlServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, Json]:
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, Json | str]:
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 method, path, headers = await _read_head(reader)
@@ -216,7 +236,8 @@ class ControlServer:
             return exc.status, {"error": str(exc)}
         except ValueError:
             return 400, {"error": "malformed request"}
-        if not self._authorized(headers.get("authorization", "")):
+        public = self._public_metrics and method == "GET" and path.split("?")[0] == "/metrics"
+        if not public and not self._authorized(headers.get("authorization", "")):
             return 401, {"error": "missing or wrong bearer token (see control.json)"}
         try:
             return 200, await self._route(method, path, raw)
@@ -234,10 +255,17 @@ class ControlServer:
             token.strip().encode(), self._token
         )
 
-    async def _route(self, method: str, path: str, raw: bytes) -> Json:
+    async def _route(self, method: str, path: str, raw: bytes) -> Json | str:
         path = path.split("?", 1)[0]
         if path == "/v1/status" and method == "GET":
-            return self._handler.status()
+            status = self._handler.status()
+            return status if isinstance(status, dict) else await status
+        metrics = getattr(self._handler, "metrics", None)
+        if path == "/metrics" and method == "GET" and callable(metrics):
+            text = metrics()
+            if not isinstance(text, str):
+                raise TypeError("metrics() must return the exposition text")
+            return text
         if path == "/v1/peers" and method == "GET":
             return self._handler.peers()
         if path == "/v1/query" and method == "POST":
@@ -248,7 +276,8 @@ class ControlServer:
             if not isinstance(request, dict):
                 raise RequestError(400, "body must be a JSON object")
             return await self._handler.query(request)
-        if path in ("/v1/status", "/v1/peers", "/v1/query"):
+        known = ("/v1/status", "/v1/peers", "/v1/query", "/metrics")
+        if path in known and (path != "/metrics" or method != "GET"):
             raise RequestError(405, f"{method} is not allowed on {path}")
         raise RequestError(404, f"no endpoint {path}")
 
@@ -291,10 +320,28 @@ class ControlClient:
     def get(self, path: str, *, timeout: float = 10.0) -> Json:
         return self._call("GET", path, None, timeout)
 
+    def get_text(self, path: str, *, timeout: float = 10.0) -> str:
+        """GET a plain-text endpoint (``/metrics``)."""
+        raw = self._request("GET", path, None, timeout)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ControlError(f"the daemon sent undecodable text: {exc}") from exc
+
     def post(self, path: str, body: Json, *, timeout: float) -> Json:
         return self._call("POST", path, json.dumps(body).encode(), timeout)
 
     def _call(self, method: str, path: str, data: bytes | None, timeout: float) -> Json:
+        raw = self._request(method, path, data, timeout)
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ControlError(f"the daemon sent a non-JSON answer: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ControlError("the daemon sent an unexpected answer")
+        return doc
+
+    def _request(self, method: str, path: str, data: bytes | None, timeout: float) -> bytes:
         request = urllib.request.Request(
             self.info.url + path,
             data=data,
@@ -319,13 +366,7 @@ class ControlClient:
             ) from exc
         except OSError as exc:
             raise ControlError(f"cannot talk to the daemon at {self.info.url}: {exc}") from exc
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ControlError(f"the daemon sent a non-JSON answer: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ControlError("the daemon sent an unexpected answer")
-        return doc
+        return raw
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
