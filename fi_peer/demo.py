@@ -1,4 +1,5 @@
-"""``fi-peer demo``: a whole FI network in one process over the memory transport.
+"""``fi-peer demo --in-process``: a whole FI network in one process over the memory
+transport (plain ``fi-peer demo`` runs daemons as processes: ``fi_peer/netdemo.py``).
 
 N owners each train their own model on a Dirichlet(alpha) non-IID slice of
 the digits training set; N agents (protocol core + memory transport + model)

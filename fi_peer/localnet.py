@@ -81,10 +81,16 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
 # -- models ----------------------------------------------------------------------------------
 
 
+def model_paths(cache: Path, peers: int, alpha: float, seed: int, epochs: int) -> list[Path]:
+    """Where :func:`ensure_models` keeps the models of one (peers, alpha, seed, epochs)."""
+    folder = cache / f"digits-n{peers}-a{alpha:g}-s{seed}-e{epochs}"
+    return [folder / f"peer-{i}.pt" for i in range(peers)]
+
+
 def ensure_models(cache: Path, peers: int, alpha: float, seed: int, epochs: int) -> list[Path]:
     """One owner model file per peer, trained once per (peers, alpha, seed, epochs)."""
-    folder = cache / f"digits-n{peers}-a{alpha:g}-s{seed}-e{epochs}"
-    paths = [folder / f"peer-{i}.pt" for i in range(peers)]
+    paths = model_paths(cache, peers, alpha, seed, epochs)
+    folder = paths[0].parent
     if all(p.is_file() for p in paths):
         return paths
     import torch
@@ -117,7 +123,17 @@ def sample_inputs(cache_folder: Path) -> dict[str, Any]:
 # -- brokers ---------------------------------------------------------------------------------
 
 
-def start_broker(folder: Path) -> tuple[str, int]:
+def _death_hook(die_with_parent: bool) -> Callable[[], None] | None:
+    """``preexec_fn`` for a child that must not outlive this process: SIGTERM it when
+    this process dies, even by SIGKILL (see :func:`fi_peer.chain.anvil.parent_death_hook`)."""
+    if not die_with_parent:
+        return None
+    from fi_peer.chain.anvil import parent_death_hook
+
+    return parent_death_hook(signal.SIGTERM)
+
+
+def start_broker(folder: Path, *, die_with_parent: bool = False) -> tuple[str, int]:
     """A private MQTT broker on a free loopback port: (URL, pid)."""
     folder.mkdir(parents=True, exist_ok=True)
     mosquitto = next(
@@ -136,7 +152,13 @@ def start_broker(folder: Path) -> tuple[str, int]:
     else:
         cmd = [sys.executable, "-m", "network.mqtt", "--host", LOOPBACK, "--port", str(port)]
     process = subprocess.Popen(
-        cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True
+        cmd,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=_death_hook(die_with_parent),
     )
     log.close()
     wait_for(lambda: _port_open(port) or process.poll() is not None, 15, "the MQTT broker")
@@ -188,7 +210,10 @@ class LocalNetwork:
         missed_beats: int = 3,
         offer_window_ms: int = 500,
         env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: the daemons (and broker) get SIGTERM when this process
+        dies, even by SIGKILL (a demo); off for ``start``, whose network outlives it."""
         if transport not in ("libp2p", "mqtt"):
             raise ValueError("transport must be libp2p or mqtt")
         self.folder = folder.resolve()
@@ -199,6 +224,7 @@ class LocalNetwork:
         self.missed_beats = missed_beats
         self.offer_window_ms = offer_window_ms
         self.env = env
+        self.die_with_parent = die_with_parent
         self.peers: list[Peer] = []
         self.models: list[Path] = []
 
@@ -211,7 +237,9 @@ class LocalNetwork:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         if self.transport == "mqtt" and self.broker is None:
-            self.broker, self.broker_pid = start_broker(self.folder / "broker")
+            self.broker, self.broker_pid = start_broker(
+                self.folder / "broker", die_with_parent=self.die_with_parent
+            )
         self.models = list(models)
         self.peers = [self._peer(i) for i in range(len(models))]
         for peer in self.peers:
@@ -275,7 +303,8 @@ class LocalNetwork:
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
             env=env,
-            start_new_session=True,
+            start_new_session=True,  # a ^C in the terminal is for the starter to handle
+            preexec_fn=_death_hook(self.die_with_parent),
         )
         peer.pid = peer.process.pid
         log.close()

@@ -87,7 +87,7 @@ def test_init_refuses_to_overwrite_and_bad_input_is_one_clear_line(tmp_path: Pat
 
 
 def test_demo_rejects_bad_options_clearly() -> None:
-    bad_k = fi_peer("demo", "--peers", "3", "--k", "5", "--queries", "1")
+    bad_k = fi_peer("demo", "--in-process", "--peers", "3", "--k", "5", "--queries", "1")
     assert bad_k.returncode == 2 and "--k" in bad_k.stderr and "Traceback" not in bad_k.stderr
     bad_rule = fi_peer("demo", "--peers", "3", "--rule", "nope", "--queries", "1", "--epochs", "1")
     assert bad_rule.returncode == 2 and "nope" in bad_rule.stderr
@@ -98,7 +98,8 @@ def test_demo_rejects_bad_options_clearly() -> None:
 def test_demo_collective_beats_best_single_peer_by_15_points() -> None:
     """The issue's acceptance run, with fewer queries to keep the suite fast."""
     result = fi_peer(
-        "demo", "--peers", "10", "--alpha", "0.1", "--queries", "120", "--seed", "1", "--json"
+        "demo", "--in-process", "--peers", "10", "--alpha", "0.1", "--queries", "120",
+        "--seed", "1", "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
