@@ -15,12 +15,14 @@ One process, one event loop. ``concurrency`` queries are kept in flight. A
 warm-up batch (2 x concurrency) runs first (calibrating σ, opening ledgers);
 then the timed batch, once without and once under pyinstrument (the
 profile's own overhead makes that rate lower: the headline rate is the
-unprofiled one). Keep warm-up + 2 x ``queries`` under ~680 within 30 s: the
-replay guard admits 4,096 messages per sender per 30 s window and the
-querier sends each member 6 per query, so more is rejected as
-``rate_limited`` (a protocol limit this benchmark reports, see the JSON).
+unprofiled one). The replay guard admits 24,576 messages per sender per 30 s
+window (envelope.DEFAULT_MAX_NONCES_PER_SENDER) and the querier sends each
+member 6 per query, so ~136 queries/s sustained over 30 s is the protocol's
+ceiling for one querier; more is rejected as ``rate_limited``.
 The top costs are self time per function and inclusive time of the
 cryptographic primitives, as shares of the busy (not epoll-idle) time.
+``cpu_per_query_ms`` (process CPU of all 9 peers per query) is the figure to
+compare across runs on a shared machine; the rate depends on what else runs.
 
 Run ``python -m benchmarks.throughput`` (``--help``); writes
 ``benchmarks/results/throughput.json`` with the rate, CPU per query, the

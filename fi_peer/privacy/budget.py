@@ -257,31 +257,46 @@ class BudgetLedger:
         Raises :class:`BudgetExceeded` (nothing written) if it would exceed a
         limit. Returns only after the commit is durable.
         """
-        _check_querier(querier)
-        _check_query_id(query_id)
-        rdp = check_rdp(cost)
-        epoch = self._limits.epoch(now_s)
+        (outcome,) = self.charge_many([(querier, query_id, cost, now_s)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def charge_many(
+        self, items: Sequence[tuple[str, bytes, Sequence[float], float]]
+    ) -> list[bool | BudgetExceeded | ValueError]:
+        """Several charges ``(querier, query_id, cost, now_s)``, group-committed.
+
+        Each item's outcome is what :meth:`charge` would return or raise for it
+        alone, in order (a later item sees the earlier ones' spending): True,
+        False (charged before), or the BudgetExceeded / ValueError it would
+        raise (that item writes nothing). All of them are in ONE transaction,
+        so one commit and one fsync (``synchronous=FULL``) make the whole group
+        durable, and this returns only after that commit: a caller that sends
+        the answers afterwards never sends one whose charge a crash could
+        forget. A sqlite failure raises LedgerError and charges none of them.
+        """
+        parsed: list[tuple[str, bytes, tuple[float, ...], int, float] | ValueError] = []
+        for querier, query_id, cost, now_s in items:
+            try:
+                parsed.append(
+                    (
+                        _check_querier(querier),
+                        _check_query_id(query_id),
+                        check_rdp(cost),
+                        self._limits.epoch(now_s),
+                        float(now_s),
+                    )
+                )
+            except ValueError as exc:
+                parsed.append(exc)
+        out: list[bool | BudgetExceeded | ValueError] = []
         with self._locked() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    seen = conn.execute(
-                        "SELECT 1 FROM charges WHERE querier = ? AND query_id = ?",
-                        (querier, query_id),
-                    ).fetchone()
-                    if seen is not None:
-                        conn.execute("ROLLBACK")
-                        return False
-                    reason = self._refusal(conn, querier, rdp, epoch)
-                    if reason is not None:
-                        conn.execute("ROLLBACK")
-                        raise BudgetExceeded(
-                            reason,
-                            f"charging query {query_id.hex()} of {querier} would exceed "
-                            f"the {'per-querier' if reason == QUERIER_EXHAUSTED else 'global'}"
-                            " privacy budget",
-                        )
-                    self._write_charge(conn, querier, query_id, rdp, epoch, float(now_s))
+                    for item in parsed:
+                        out.append(item if isinstance(item, ValueError) else self._one(conn, *item))
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -289,6 +304,32 @@ class BudgetLedger:
                     raise
             except sqlite3.Error as exc:
                 raise LedgerError(f"budget ledger {self._path}: charge failed: {exc}") from exc
+        return out
+
+    def _one(
+        self,
+        conn: sqlite3.Connection,
+        querier: str,
+        query_id: bytes,
+        rdp: tuple[float, ...],
+        epoch: int,
+        now_s: float,
+    ) -> bool | BudgetExceeded:
+        """One charge inside the caller's transaction (nothing written unless True)."""
+        seen = conn.execute(
+            "SELECT 1 FROM charges WHERE querier = ? AND query_id = ?", (querier, query_id)
+        ).fetchone()
+        if seen is not None:
+            return False
+        reason = self._refusal(conn, querier, rdp, epoch)
+        if reason is not None:
+            return BudgetExceeded(
+                reason,
+                f"charging query {query_id.hex()} of {querier} would exceed "
+                f"the {'per-querier' if reason == QUERIER_EXHAUSTED else 'global'}"
+                " privacy budget",
+            )
+        self._write_charge(conn, querier, query_id, rdp, epoch, now_s)
         return True
 
     def charged(self, querier: str, query_id: bytes) -> bool:

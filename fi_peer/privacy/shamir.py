@@ -71,14 +71,38 @@ def split(
         raise ValueError("threshold must be between 1 and the number of shares")
     if len(set(xs)) != len(xs) or any(not 0 < x < prime for x in xs):
         raise ValueError("share x-coordinates must be distinct non-zero field elements")
-    coefficients = [secret] + [random_element(prime, random_bytes) for _ in range(threshold - 1)]
+    coefficients = [secret, *_random_elements(threshold - 1, prime, random_bytes)]
+    top = coefficients[::-1]
     shares = []
     for x in xs:
         acc = 0
-        for c in reversed(coefficients):  # Horner
+        if x < 1 << 16:
+            # Horner with one reduction at the end: small x (committee indices) grow
+            # acc by at most 16 bits per step, cheaper than a reduction per step.
+            for c in top:
+                acc = acc * x + c
+            shares.append(acc % prime)
+            continue
+        for c in top:  # Horner
             acc = (acc * x + c) % prime
         shares.append(acc)
     return shares
+
+
+def _random_elements(n: int, prime: int, random_bytes: RandomBytes) -> list[int]:
+    """``n`` uniform elements of GF(prime) from one call to ``random_bytes``
+    (rejection sampling per element, as :func:`random_element`)."""
+    if n <= 0:
+        return []
+    bits = prime.bit_length()
+    n_bytes = (bits + 7) // 8
+    mask = (1 << bits) - 1
+    pool = random_bytes(n * n_bytes)
+    out = []
+    for i in range(n):
+        value = int.from_bytes(pool[i * n_bytes : (i + 1) * n_bytes], "big") & mask
+        out.append(value if value < prime else random_element(prime, random_bytes))
+    return out
 
 
 def lagrange_at_zero(xs: Sequence[int], *, prime: int = PRIME) -> list[int]:

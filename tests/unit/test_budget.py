@@ -354,3 +354,25 @@ def test_a_kill_at_any_moment_keeps_rows_and_totals_consistent(
         expected = epsilon_spent(accumulate(COST, charged), DELTA)
         assert led.spent("alice", NOW) == expected
         assert led.spent(None, NOW) == expected
+
+
+def test_charge_many_is_one_commit_with_per_item_outcomes(ledger_path: Path) -> None:
+    """Group commit: each item gets what charge() alone would give, in order, and
+    all of them are durable once it returns (one transaction, one fsync)."""
+    n = max_affordable(COST, 3.0)
+    items = [("alice", qid(i), COST, NOW) for i in range(n + 1)]  # the last one is refused
+    items.insert(1, ("alice", qid(0), COST, NOW))  # a repeat inside the group: a no-op
+    items.append(("", qid(99), COST, NOW))  # an invalid item fails alone
+    items.append(("bob", qid(0), COST, NOW))
+    with BudgetLedger.open(ledger_path, BudgetLimits(3.0, 50.0, DELTA)) as led:
+        out = led.charge_many(items)
+    assert out[0] is True and out[1] is False
+    assert out[2 : n + 1] == [True] * (n - 1)
+    assert isinstance(out[n + 1], BudgetExceeded) and out[n + 1].reason == QUERIER_EXHAUSTED
+    assert isinstance(out[n + 2], ValueError)
+    assert out[n + 3] is True
+    with BudgetLedger.open(ledger_path, BudgetLimits(3.0, 50.0, DELTA)) as again:
+        assert all(again.charged("alice", qid(i)) for i in range(n))
+        assert not again.charged("alice", qid(n))
+        assert again.charged("bob", qid(0))
+        assert again.spent("alice", NOW) == epsilon_spent(accumulate(COST, n), DELTA)

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import nacl.bindings
+import nacl.exceptions
 import nacl.public
+import nacl.utils
 import numpy as np
 import pytest
 from scipy import stats
@@ -637,3 +639,20 @@ def test_usable_public_key_rejects_low_order_points() -> None:
     assert not secagg.usable_public_key(b"\x00" * 32)
     assert not secagg.usable_public_key((1).to_bytes(32, "little"))
     assert not secagg.usable_public_key(good[:31])
+
+
+def test_usable_public_key_agrees_with_a_trial_x25519() -> None:
+    """The low-order list gives exactly what libsodium's own refusal gives."""
+    p = (1 << 255) - 19
+    us = [*range(64), *range(p - 64, 1 << 255)]
+    keys = [u.to_bytes(32, "little") for u in us]
+    keys += [bytes([*k[:31], k[31] | 0x80]) for k in keys]
+    keys += [nacl.utils.random(32) for _ in range(200)]
+    keys += [(u | (1 << 255)).to_bytes(32, "little") for u in (0, 1, p - 1, p, p + 1)]
+    for key in keys:
+        try:
+            nacl.bindings.crypto_scalarmult(nacl.utils.random(32), key)
+            trial = True
+        except nacl.exceptions.CryptoError:
+            trial = False
+        assert secagg.usable_public_key(key) is trial, key.hex()
