@@ -32,6 +32,7 @@ from web3.contract import AsyncContract
 
 from fi_peer.chain.abi import ContractCodec
 from fi_peer.chain.artifacts import Artifact, load_artifact
+from fi_peer.chain.commitments import CommitmentStatement, RegistryDomain, sign_commitment
 from fi_peer.chain.errors import ChainError, ChainUnavailable
 from fi_peer.chain.receipts import PaymentReceipt, ReceiptDomain, sign_receipt
 from fi_peer.chain.terms import CLOSED_STATE, QueryTerms, Settlement, checksum, encode_batch
@@ -39,6 +40,11 @@ from fi_peer.chain.txsender import GasPolicy, TxResult, TxSender
 
 ESCROW = "QueryEscrow"
 REGISTRY = "PeerRegistry"
+# Gas a settlement may need per credited member beyond its estimate: the estimate
+# prices each balance write at its current value, and a member that withdraws
+# (balance back to 0) before the settlement is mined makes that write cost 22,100
+# instead of 5,000 gas; unused gas is not charged.
+CREDIT_GAS_SLACK = 20_000
 
 
 def default_codec() -> ContractCodec:
@@ -248,7 +254,8 @@ class ChainClient:
         self._require_querier(terms)
         mask = terms.mask_of(delivered)
         data = self._escrow.encode_abi("settle", args=[terms.query_id, terms.as_abi(), mask])
-        return await self._send(self.deployment.escrow, data)
+        slack = CREDIT_GAS_SLACK * bin(mask).count("1")
+        return await self._send(self.deployment.escrow, data, extra_gas=slack)
 
     async def settle_batch(self, settlements: Sequence[Settlement]) -> TxResult:
         """Settle many queries in one transaction (see :func:`plan_batches` for
@@ -257,7 +264,8 @@ class ChainClient:
             self._require_querier(s.terms)
         members, items = encode_batch(settlements)
         data = self._escrow.encode_abi("settleBatch", args=[members, items])
-        return await self._send(self.deployment.escrow, data)
+        slack = CREDIT_GAS_SLACK * len(members)
+        return await self._send(self.deployment.escrow, data, extra_gas=slack)
 
     def sign_receipt(self, query_id: bytes, member: str, amount_wei: int) -> bytes:
         """This account's (the querier's) EIP-712 receipt for a member's share."""
@@ -328,6 +336,40 @@ class ChainClient:
 
     async def withdraw_stake(self) -> TxResult:
         data = self._registry.encode_abi("withdrawStake", args=[])
+        return await self._send(self.deployment.registry, data)
+
+    @property
+    def registry_domain(self) -> RegistryDomain:
+        return RegistryDomain(chain_id=self.deployment.chain_id, registry=self.deployment.registry)
+
+    def sign_commitment(self, querier: str, query_id: bytes, commitment: bytes) -> bytes:
+        """This account's (a member's) EIP-712 statement of its commitment to one query."""
+        statement = CommitmentStatement(
+            querier=checksum(querier), query_id=query_id, commitment=commitment
+        )
+        return sign_commitment(self.account, self.registry_domain, statement)
+
+    async def publish_scores(self, scores: dict[str, float]) -> TxResult:
+        """Publish this account's (a querier's) merit scores, each in [0, 1], as events."""
+        members = [checksum(m) for m in scores]
+        ppm = [round(min(1.0, max(0.0, float(s))) * 1_000_000) for s in scores.values()]
+        data = self._registry.encode_abi("publishScores", args=[members, ppm])
+        return await self._send(self.deployment.registry, data)
+
+    async def report_equivocation(
+        self,
+        member: str,
+        querier: str,
+        query_id: bytes,
+        first: tuple[bytes, bytes],
+        second: tuple[bytes, bytes],
+    ) -> TxResult:
+        """Prove ``member`` signed two different (commitment, signature) pairs for
+        one query; its stake is slashed, half of it paid to this account."""
+        data = self._registry.encode_abi(
+            "reportEquivocation",
+            args=[checksum(member), checksum(querier), query_id, *first, *second],
+        )
         return await self._send(self.deployment.registry, data)
 
     async def peer(self, account: str) -> PeerRecord:
@@ -405,6 +447,10 @@ class ChainClient:
         word = int(await self._read(call))
         return word >> 32, word & 0xFFFFFFFF
 
+    async def claim_grace(self) -> int:
+        """The escrow's claim grace (seconds after a deadline before refunds)."""
+        return int(await self._read(self._escrow.functions.claimGrace().call()))
+
     async def chain_time(self) -> int:
         """Timestamp of the latest block."""
         block = await self._read(self.w3.eth.get_block("latest"))
@@ -423,9 +469,9 @@ class ChainClient:
         mask = await self.settled_mask(terms)
         return 0 if mask is None else mask
 
-    async def _send(self, to: str, data: Any, value: int = 0) -> TxResult:
+    async def _send(self, to: str, data: Any, value: int = 0, extra_gas: int = 0) -> TxResult:
         raw = bytes.fromhex(data[2:]) if isinstance(data, str) else bytes(data)
-        return await self.sender.send(to=to, data=raw, value=value)
+        return await self.sender.send(to=to, data=raw, value=value, extra_gas=extra_gas)
 
     async def _read(self, awaitable: Any) -> Any:
         return await self.sender.read(awaitable)

@@ -81,6 +81,8 @@ _ACCOUNT_ARG = {
     "StakeAdded": "account",
     "Deregistered": "account",
     "StakeWithdrawn": "account",
+    "Equivocated": "member",
+    "ScorePublished": "member",
 }
 _AMOUNT_ARG = {
     "QuerySettled": "paid",
@@ -91,6 +93,7 @@ _AMOUNT_ARG = {
     "Registered": "stake",
     "StakeAdded": "amount",
     "StakeWithdrawn": "amount",
+    "Equivocated": "slashed",
 }
 
 

@@ -157,6 +157,13 @@ class Account:
     opened: list[tuple[str, bytes]] = field(default_factory=list)  # queries opened
     registration: Registration | None = None
     history: list[Step] = field(default_factory=list)
+    slashed: int = 0  # stake lost for equivocation (PeerRegistry.reportEquivocation)
+    scores: dict[str, float] = field(default_factory=dict)  # querier -> latest merit score
+
+    @property
+    def score(self) -> float | None:
+        """Mean of the latest merit score each querier published (None: none)."""
+        return sum(self.scores.values()) / len(self.scores) if self.scores else None
 
     @property
     def earned(self) -> int:
@@ -378,6 +385,18 @@ def _escrow_event(
 
 def _registry_event(ledger: Ledger, e: IndexedEvent, step: dict[str, Any]) -> None:
     a = e.args
+    if e.event == "ScorePublished":
+        member = ledger.account(str(a["member"]))
+        member.scores[str(a["querier"])] = int(a["scorePpm"]) / 1_000_000
+        return
+    if e.event == "Equivocated":
+        member = ledger.account(str(a["member"]))
+        member.slashed += int(a["slashed"])
+        if member.registration is not None:
+            member.registration.stake = 0
+            member.registration.registered = False
+        member.history.append(Step(kind="slashed", amount=int(a["slashed"]), **step))
+        return
     account = ledger.account(str(a["account"]))
     reg = account.registration
     if e.event == "Registered":

@@ -426,9 +426,17 @@ def _peer_state(a: Account) -> Html:
     reg = a.registration
     if reg is None:
         return tag("span", "not registered", class_="badge muted")
+    if a.slashed:
+        return tag("span", "slashed (equivocation)", class_="badge bad")
     if reg.registered:
         return tag("span", "registered", class_="badge ok")
     return tag("span", "deregistered", class_="badge warn")
+
+
+def _score(a: Account) -> Html:
+    if a.score is None:
+        return tag("span", "–", class_="muted")
+    return tag("span", f"{a.score:.3f}", class_="score", title=f"{len(a.scores)} querier(s)")
 
 
 def _key(data: bytes | None) -> Html:
@@ -466,6 +474,7 @@ def peers_page(source: ChainSource, snap: Snapshot, balances: Mapping[str, int])
             tag("span", wei(a.earned), class_="earned"),
             wei(a.withdrawn),
             _balance_cell(a, balances),
+            _score(a),
         )
         for a in accounts
     ]
@@ -481,9 +490,10 @@ def peers_page(source: ChainSource, snap: Snapshot, balances: Mapping[str, int])
                 "earned",
                 "withdrawn",
                 "balance (balanceOf)",
+                "merit score",
             ],
             rows,
-            numeric=(4, 5, 6, 7, 8),
+            numeric=(4, 5, 6, 7, 8, 9),
             empty="No peers or accounts yet.",
             id_="peers",
         ),
@@ -491,7 +501,8 @@ def peers_page(source: ChainSource, snap: Snapshot, balances: Mapping[str, int])
             "p",
             "Earned: credited by settlements plus claims. Balance: the escrow's balanceOf now; "
             "it must equal earned + refunds − withdrawn, else a red badge shows what the "
-            "events imply.",
+            "events imply. Merit score: the mean of the latest contribution score each "
+            "querier published on chain (publishScores; accuracy on its audit queries).",
             class_="muted",
         ),
     )

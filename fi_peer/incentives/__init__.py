@@ -1,5 +1,7 @@
 """Incentives: contribution scores over opened audit answers, and reward rules.
 
+:mod:`fi_peer.incentives.merit` scores each member by the accuracy of its
+own opened audit answers (the FI paper's merit, estimated);
 :mod:`fi_peer.incentives.scores` values coalitions of members by their
 collective accuracy on audit queries and computes leave-one-out and
 (truncated Monte-Carlo) Shapley scores; :mod:`fi_peer.incentives.rewards`
@@ -10,6 +12,7 @@ numpy: no torch, no I/O, no clock; randomness only from a caller's seed.
 
 from __future__ import annotations
 
+from fi_peer.incentives.merit import accuracy_merit, audit_hits, binomial_critical
 from fi_peer.incentives.rewards import (
     REWARD_RULES,
     agreement_shares,
@@ -38,8 +41,11 @@ __all__ = [
     "Decider",
     "Distribution",
     "ValueFunction",
+    "accuracy_merit",
     "agreement_shares",
     "allocate",
+    "audit_hits",
+    "binomial_critical",
     "entropy_shares",
     "entropy_weights",
     "equal_shares",

@@ -7,7 +7,8 @@ that sum EXACTLY to the budget.
 * :func:`equal_shares`: equal per delivered share (``delivered[i]`` = shares
   member i delivered in the window; all ones = plain equal split).
 * :func:`merit_shares`: merit-weighted, ``delivered[i] * max(score_i, 0)``
-  with ``score`` a contribution score (Shapley, :mod:`.scores`). Negative
+  with ``score`` a contribution score (the accuracy merit of :mod:`.merit`,
+  or a Shapley value of :mod:`.scores`). Negative
   scores earn nothing. When no member has a positive score (no audit yet, or
   nobody helps), it falls back to :func:`equal_shares` (a stated prior).
 * :func:`agreement_shares` (FI paper, rule 2, label-free): with ``answers``
