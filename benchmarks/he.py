@@ -12,13 +12,17 @@ Measures, on this machine, with the parameters of ``fi_peer.privacy.he``:
   choices of each member's HE vector (plaintext simulation of the same
   polynomials), with an HE check of the chosen one on a sample.
 
-The ``end_to_end`` section (k = 4 and 8 members as separate processes, first
-query with key exchange and later ones) is left for the protocol wiring and
-written as ``null`` here.
+* end to end (``end_to_end``): k = 4 and 8 members as separate ``fi-peer run``
+  processes over libp2p on this machine (plus the querier's daemon), an
+  input-private query through the control API: the first one (with the key
+  exchange: the public context to every member) and later ones, bytes on the
+  wire per query (from the sizes of the sealed messages), and the answers'
+  agreement with the plaintext sum of the same members' HE models.
 
-Run ``python -m benchmarks.he`` (``--quick`` for a smoke run). Writes
-``benchmarks/results/he.json``. The machine may be shared: ``load_average``
-is recorded with the figures.
+Run ``python -m benchmarks.he`` (``--quick`` for a smoke run; ``--sections
+end_to_end,batched`` re-measures only those and keeps the rest of the JSON).
+Writes ``benchmarks/results/he.json``. The machine may be shared:
+``load_average`` is recorded with the figures.
 """
 
 from __future__ import annotations
@@ -281,48 +285,219 @@ def bench_he_vs_plain(
     }
 
 
+def _sealed_sizes(
+    k: int, model: he.HEModel, secret: he.SecretContext, x: np.ndarray
+) -> dict[str, int]:
+    """Bytes on the wire of one input-private query with k members (after the key
+    exchange), from the real sealed envelopes of each message kind."""
+    from fi_peer.identity import Identity
+    from fi_peer.protocol.envelope import seal
+    from fi_peer.protocol.he_messages import (
+        HEAccept,
+        HEOffer,
+        HEPartial,
+        HEReady,
+        HERequest,
+        HERoute,
+    )
+    from fi_peer.protocol.messages import Receipt, Result
+
+    ids = [Identity.from_seed(f"bench-{i}".encode()) for i in range(k + 1)]
+    members = tuple(i.peer_id for i in ids[1:])
+    query = he.encrypt_inputs(secret, x[None, :], layout=he.Layout.SINGLE)
+    member = he.load_public_context(secret.public_bytes(galois_keys=True), require_galois=True)
+    out = he.evaluate(member, model, query, noise_std=1.0, rng=np.random.default_rng(0))
+    qid = b"q" * 16
+    digest = "0" * 64
+    request = HERequest(
+        query_id=qid,
+        task="digits",
+        n_classes=10,
+        input_dim=64,
+        rule="support",
+        vector_len=model.output_dim,
+        k=k,
+        max_price_wei=0,
+        deadline_ms=1,
+        reply_key=b"k" * 32,
+        epsilon=0.0,
+        delta=0.0,
+        context_digest=digest,
+        n_inputs=1,
+        layout="single",
+    )
+    offer = HEOffer(
+        query_id=qid, price_wei=0, expected_latency_ms=1, eth_address="", has_context=True
+    )
+    accept = HEAccept(
+        query_id=qid,
+        members=members,
+        eth_addresses=("",) * k,
+        threshold=k // 2 + 1,
+        fan_in=4,
+        price_wei=0,
+        noise_sigma=0.0,
+        context_digest=digest,
+        blobs=query.blobs,
+    )
+    partial = HEPartial(
+        query_id=qid, querier=ids[0].peer_id, members=tuple(sorted(members)), blobs=out.blobs
+    )
+    receipt = Receipt(query_id=qid, member=members[0], share_digest=b"d" * 32, price_wei=0)
+    result = Result(query_id=qid, ok=True, contributors=tuple(sorted(members)))
+
+    def size(msg: Any) -> int:
+        return len(seal(ids[0], msg, 1))
+
+    per_member = {
+        "he_offer": size(offer),
+        "he_accept": size(accept),
+        "he_ready": size(HEReady(query_id=qid)),
+        "he_route": size(HERoute(query_id=qid, live=members, hop_ms=1500)),
+        "he_partial": size(partial),
+        "receipt": size(receipt),
+        "result": size(result),
+    }
+    total = k * sum(per_member.values()) + k * size(request)  # gossip: ~once per peer
+    return {"per_member": per_member, "he_request": size(request), "total": total}  # type: ignore[dict-item]
+
+
+def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
+    from fi_peer.control import ControlClient
+    from fi_peer.he_runtime import HE_RULE, he_model_path, load_he_model
+    from fi_peer.localnet import LocalNetwork, ensure_models, sample_inputs
+    from fi_peer.models.aggregation import decide
+    from fi_peer.models.he_models import ensure_he_models
+
+    n = max(ks) + 1
+    models = ensure_models(folder / "models", n, 0.5, 1, 10)
+    ensure_he_models(models, 0.5, 1, epochs=20)
+    he_models = [load_he_model(he_model_path(p)) for p in models]
+    samples = sample_inputs(models[0].parent)
+    xs = np.asarray(samples["inputs"], dtype=np.float64)
+    secret = he.create_secret_context(galois_keys=True)
+    public_bytes = len(secret.public_bytes(galois_keys=True))
+    out: dict[str, Any] = {"transport": "libp2p", "processes": "one fi-peer run per peer"}
+    for k in ks:
+        net = LocalNetwork(
+            folder / f"net-k{k}",
+            transport="libp2p",
+            announce_interval_ms=1000,
+            offer_window_ms=10_000,
+        )
+        row: dict[str, Any] = {}
+        try:
+            net.prepare(models[: k + 1])
+            net.start_all()
+            net.wait_ready(timeout=300)
+            net.wait_connected(timeout=120)
+            net.wait_converged(timeout=120)
+            client = ControlClient.from_state_dir(net.peers[0].state_dir / "control.json")
+            by_id = {p.peer_id: i for i, p in enumerate(net.peers)}
+            walls: list[float] = []
+            agree = 0
+            answered = 0
+            reasons: list[str] = []
+            for q in range(1 + later):
+                x = xs[q % len(xs)]
+                started = time.perf_counter()
+                answer = client.post(
+                    "/v1/query",
+                    {"input": x.tolist(), "input_private": True, "k": k, "timeout_s": 110},
+                    timeout=130,
+                )
+                wall = time.perf_counter() - started
+                result = answer["results"][0]
+                if not result["ok"]:
+                    reasons.append(str(result["reason"]))
+                    continue
+                answered += 1
+                members = [by_id[p] for p in result["contributors"]]
+                total = sum(he_models[i].forward(x[None, :])[0] for i in members)
+                agree += int(result["label"] == decide(total, HE_RULE)[0])
+                if q == 0:
+                    row["first_query_s"] = round(wall, 3)
+                    row["first_contributors"] = len(members)
+                else:
+                    walls.append(wall)
+            row["later_query_s"] = {
+                "median": round(statistics.median(walls), 3) if walls else None,
+                "min": round(min(walls), 3) if walls else None,
+                "max": round(max(walls), 3) if walls else None,
+                "n": len(walls),
+            }
+            row["answered"] = f"{answered}/{1 + later}"
+            row["failures"] = reasons
+            row["labels_equal_plaintext_sum"] = f"{agree}/{answered}"
+            row["key_exchange_bytes"] = public_bytes * k
+        finally:
+            net.stop_all()
+        row["bytes_per_query"] = _sealed_sizes(k, he_models[1], secret, xs[0])
+        row["load_average_after"] = os.getloadavg()
+        out[f"k{k}"] = row
+    out["goal"] = "k=8 HE query < 2 s after key exchange; >= 1000 inputs/s per member batched"
+    return out
+
+
+SECTIONS = ("keys", "single", "batched", "mask_bound", "accuracy", "end_to_end")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and seeds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated subset to measure; the others are kept from --out",
+    )
+    parser.add_argument("--later", type=int, default=5, help="queries after the first (e2e)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fi-peer-he-bench"))
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     repeat = 1 if args.quick else 3
     seeds = [0] if args.quick else [0, 1, 2]
     epochs = 10 if args.quick else 50
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "tenseal": ts.__version__,
-            "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg(),
-        },
+    results: dict[str, Any] = {}
+    if sections != set(SECTIONS) and args.out.is_file():
+        results = json.loads(args.out.read_text())
+    results["machine"] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "tenseal": ts.__version__,
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+        "sections_measured_in_this_run": sorted(sections),
     }
     keys, secret, pub, pub_ng = bench_keys(repeat)
-    results["keys"] = keys
+    if "keys" in sections:
+        results["keys"] = keys
     member = he.load_public_context(pub, require_galois=True)
     member_ng = he.load_public_context(pub_ng)
     split = load_digits_split()
     peer = train_he_peer_models(10, 0.1, 0, split=split, epochs=epochs)[0]
     model = peer.answer_model
-    results["single"] = bench_single(secret, member, model, split.X_test, repeat)
-    results["single_raw_logits_64_32_10"] = bench_single(
-        secret, member, peer.model, split.X_test, repeat
-    )
-    sizes = [1, 450] if args.quick else [1, 450, 4096]
-    results["batched"] = bench_batched(secret, member_ng, model, split.X_test, sizes, repeat)
-    results["mask_bound"] = bench_mask_bound(secret, member, member_ng, peer.model, split.X_test)
-    results["accuracy"] = bench_accuracy(seeds, epochs)
-    results["accuracy"]["he_vs_plaintext_collective"] = bench_he_vs_plain(
-        secret, member_ng, 0, epochs, 4 if args.quick else 10
-    )
-    results["end_to_end"] = {
-        "status": "pending: needs the protocol wiring (issue 11 part 4)",
-        "k4": {"first_query_s": None, "later_query_s": None, "bytes_per_query": None},
-        "k8": {"first_query_s": None, "later_query_s": None, "bytes_per_query": None},
-        "goal": "k=8 HE query < 2 s after key exchange; >= 1000 inputs/s per member batched",
-    }
+    if "single" in sections:
+        results["single"] = bench_single(secret, member, model, split.X_test, repeat)
+        results["single_raw_logits_64_32_10"] = bench_single(
+            secret, member, peer.model, split.X_test, repeat
+        )
+    if "batched" in sections:
+        sizes = [1, 450] if args.quick else [1, 450, 4096]
+        results["batched"] = bench_batched(secret, member_ng, model, split.X_test, sizes, repeat)
+    if "mask_bound" in sections:
+        results["mask_bound"] = bench_mask_bound(
+            secret, member, member_ng, peer.model, split.X_test
+        )
+    if "accuracy" in sections:
+        results["accuracy"] = bench_accuracy(seeds, epochs)
+        results["accuracy"]["he_vs_plaintext_collective"] = bench_he_vs_plain(
+            secret, member_ng, 0, epochs, 4 if args.quick else 10
+        )
+    if "end_to_end" in sections:
+        ks = [4] if args.quick else [4, 8]
+        results["end_to_end"] = bench_end_to_end(ks, 2 if args.quick else args.later, args.work)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

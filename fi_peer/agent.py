@@ -24,7 +24,10 @@ and the members check it against their own policy. A member's budget is a
 given to its PeerCore.
 
 Nothing a peer sends can stop the agent: the core rejects bad input and
-counts it; an unexpected exception while handling one message is logged,
+counts it; a sender past its allowance (:data:`INBOUND_RATE` messages per
+second, :data:`INBOUND_BURST` at once; authentic messages only spend it) is
+dropped before verification, counted ``rejected.rate_limited``, on every
+transport; an unexpected exception while handling one message is logged,
 counted as ``internal_error`` and the loop goes on. ``aclose()`` (or leaving
 ``async with``) cancels the tasks, fails pending queries with ``closed`` and
 closes the transport.
@@ -40,11 +43,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Hashable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from fi_peer import faults
 from fi_peer.errors import FiPeerError, LocalProtocolError
 from fi_peer.models.aggregation import get_rule
 from fi_peer.privacy.budget import BudgetExceeded, BudgetLedger
@@ -62,16 +67,34 @@ from fi_peer.protocol.effects import (
     SetTimer,
     VerifyEscrow,
 )
+from fi_peer.protocol.envelope import Verifier
+from fi_peer.protocol.he_effects import (
+    HECombine,
+    HEDecrypt,
+    HEEffect,
+    HEEvaluate,
+    HELoadContext,
+    HESendChunks,
+)
 from fi_peer.protocol.messages import QueryRequest, Receipt
 from fi_peer.protocol.payment import EscrowTerms
-from fi_peer.protocol.peer import PeerCore
+from fi_peer.protocol.peer import GOSSIP_KINDS, PeerCore
 from network.base import Subscription, Transport, TransportError
+from network.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from fi_peer.he_runtime import HERuntime
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 # (rule, epsilon, delta) -> calibrated noise std: a pure function, worth remembering
 _SIGMAS: dict[tuple[str, float, float], float] = {}
+# Inbound messages per sender and second (and burst) before ``rejected.rate_limited``:
+# far above what the protocol needs (a querier sends a member ~6 messages per query),
+# a bound on what one flooding peer can make us verify.
+INBOUND_RATE = 1000.0
+INBOUND_BURST = 5000
 
 
 class ModelBackend(Protocol):
@@ -178,6 +201,31 @@ class LedgerGuard:
             return "ledger_error"
         return None  # charged now, or already (a retried charge is a no-op)
 
+    def charge_many(self, items: list[Charge], now_ms: int) -> list[str | None]:
+        """:meth:`charge` for each item, group-committed: one ledger transaction and
+        one fsync for the batch, durable before this returns (so before any of the
+        answers leaves)."""
+        try:
+            outcomes = self.ledger.charge_many(
+                [
+                    (c.querier, c.request.query_id, self.cost(c.request, c.sigma), now_ms / 1000)
+                    for c in items
+                ]
+            )
+        except (FiPeerError, ValueError):
+            log.exception("budget ledger charge failed")
+            return ["ledger_error"] * len(items)
+        refusals: list[str | None] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BudgetExceeded):
+                refusals.append(outcome.reason)
+            elif isinstance(outcome, ValueError):
+                log.error("budget ledger charge refused: %s", outcome)
+                refusals.append("ledger_error")
+            else:
+                refusals.append(None)
+        return refusals
+
     def warm_up(self) -> None:
         """Load the RDP accountant (~1-3 s the first time) before queries need it."""
         rdp_cost(1.0, 1.0)
@@ -194,6 +242,9 @@ class Agent:
         max_batch: int = 64,
         queue_size: int = 10_000,
         chain: ChainAdapter | None = None,
+        inbound_rate: float = INBOUND_RATE,
+        inbound_burst: float = INBOUND_BURST,
+        he: HERuntime | None = None,
     ) -> None:
         if transport.local_id != core.peer_id:
             raise LocalProtocolError("transport and core must belong to the same peer")
@@ -217,6 +268,8 @@ class Agent:
         self._closed = False
         self.chain = chain
         self._chain_tasks: set[asyncio.Task[None]] = set()
+        self._inbound_limit = RateLimiter(inbound_rate, inbound_burst)
+        self.he = he  # CKKS work of the input-private mode (fi_peer.he_runtime)
 
     # -- lifecycle ----------------------------------------------------------------
     @property
@@ -298,6 +351,7 @@ class Agent:
         epsilon: float = 0.0,
         delta: float = 1e-5,
         secagg: bool | None = None,
+        input_private: bool = False,
     ) -> QueryOutcome:
         """Ask the network; returns how the query ended. Never hangs past the timeout.
 
@@ -312,19 +366,24 @@ class Agent:
             raise LocalProtocolError("a querier needs a model to know the vector length")
         noise_sigma = await self.noise_sigma(rule, epsilon, delta)
         timeout_ms = int(timeout_s * 1000)
-        query_id, effects = self.core.submit_query(
-            x,
-            rule=rule,
-            vector_len=self.model.vector_length(rule),
-            k=k,
-            max_price_wei=max_price_wei,
-            timeout_ms=timeout_ms,
-            now_ms=self.now_ms(),
-            epsilon=epsilon,
-            delta=delta if epsilon > 0 else 0.0,
-            noise_sigma=noise_sigma,
-            secagg=secagg,
-        )
+        if input_private:  # the input encrypted under our CKKS key (fi_peer.he_runtime)
+            query_id, effects = await self._submit_he(
+                x, rule, k, max_price_wei, timeout_ms, epsilon, delta, noise_sigma
+            )
+        else:
+            query_id, effects = self.core.submit_query(
+                x,
+                rule=rule,
+                vector_len=self.model.vector_length(rule),
+                k=k,
+                max_price_wei=max_price_wei,
+                timeout_ms=timeout_ms,
+                now_ms=self.now_ms(),
+                epsilon=epsilon,
+                delta=delta if epsilon > 0 else 0.0,
+                noise_sigma=noise_sigma,
+                secagg=secagg,
+            )
         future: asyncio.Future[QueryOutcome] = asyncio.get_running_loop().create_future()
         self._pending[query_id] = future
         self._apply(effects)
@@ -385,14 +444,67 @@ class Agent:
                 case VerifyEscrow(querier, terms):
                     self._chain_task(self._verify_escrow(querier, terms))
                 case Paid(querier, terms, receipt):
+                    faults.point("exit_after_share")  # test-only, inert by default
                     if self.chain is not None:
                         self._chain_task(self.chain.on_paid(querier, terms, receipt))
+                case HESendChunks():
+                    self._chain_task(self._send_chunks(effect))
+                case HELoadContext() | HEEvaluate() | HECombine() | HEDecrypt():
+                    self._chain_task(self._he_effect(effect))
                 case QueryDone(outcome):
+                    if outcome.escrow is not None:
+                        faults.point("exit_before_settle")  # test-only, inert by default
                     future = self._pending.get(outcome.query_id)
                     if future is not None and not future.done():
                         future.set_result(outcome)
                     if outcome.escrow is not None and self.chain is not None:
                         self._chain_task(self.chain.on_outcome(outcome))
+
+    # -- HE (input-private) mode ----------------------------------------------------------
+    async def _submit_he(
+        self,
+        x: npt.ArrayLike,
+        rule: str,
+        k: int,
+        max_price_wei: int,
+        timeout_ms: int,
+        epsilon: float,
+        delta: float,
+        noise_sigma: float,
+    ) -> tuple[bytes, list[Effect]]:
+        if self.he is None or self.model is None:
+            raise LocalProtocolError("this peer has no HE runtime: it cannot encrypt inputs")
+        blobs, context = await asyncio.to_thread(self.he.encrypt, x)
+        return self.core.submit_he_query(
+            blobs,
+            context,
+            rule=rule,
+            vector_len=self.model.vector_length(rule),
+            k=k,
+            max_price_wei=max_price_wei,
+            timeout_ms=timeout_ms,
+            now_ms=self.now_ms(),
+            epsilon=epsilon,
+            delta=delta if epsilon > 0 else 0.0,
+            noise_sigma=noise_sigma,
+        )
+
+    async def _send_chunks(self, effect: HESendChunks) -> None:
+        """A member's copy of our public context, each chunk sealed as it leaves."""
+        for chunk in effect.chunks:
+            data = self.core.seal_now(chunk, self.now_ms())
+            try:
+                await self.transport.send(effect.peer, data)
+            except TransportError as exc:
+                self.core.metrics[f"send_failed.{type(exc).__name__}"] += 1
+                return
+
+    async def _he_effect(self, effect: HEEffect) -> None:
+        """The CKKS work of an HE effect, off the loop, then its answer to the core."""
+        from fi_peer.he_runtime import answer_he_effect, run_he_effect
+
+        result = await asyncio.to_thread(run_he_effect, self.he, effect)
+        self._guarded(answer_he_effect, self.core, effect, result, self.now_ms())
 
     # -- chain (paid queries) ----------------------------------------------------------
     def _chain_task(self, work: Coroutine[Any, Any, None]) -> None:
@@ -414,6 +526,8 @@ class Agent:
         if self.chain is not None:
             try:
                 ok = await self.chain.open_escrow(terms)
+                if ok:
+                    faults.point("exit_after_escrow")  # test-only, inert by default
             except Exception:
                 log.exception("opening an escrow failed")
         if ok and terms.query_id not in self.core.queries and self.chain is not None:
@@ -442,9 +556,21 @@ class Agent:
             return False
         return True
 
-    def _handle(self, data: bytes, topic: str | None) -> None:
+    def _handle(self, data: bytes, topic: str | None, peer: str | None = None) -> None:
+        # Per-sender rate limit, before the (costly) verification: keyed by the
+        # transport's sender of a direct message, else by the sender the envelope
+        # claims. Only a message whose signature holds spends a token, so forged
+        # envelopes cannot use up another peer's allowance.
+        key: str | bytes | None = peer if peer is not None else _claimed_sender(data)
+        now = self._clock()
+        if key is not None and not self._inbound_limit.ready(key, now):
+            self.core.metrics["rejected.rate_limited"] += 1
+            return
+        forged = self.core.metrics["rejected.bad_signature"]
         known = len(self.core.membership)
         self._guarded(self.core.receive, data, self.now_ms(), topic=topic)
+        if key is not None and self.core.metrics["rejected.bad_signature"] == forged:
+            self._inbound_limit.take(key, now)
         if len(self.core.membership) != known:
             self._membership_changed.set()
 
@@ -466,7 +592,7 @@ class Agent:
     # -- tasks ----------------------------------------------------------------------
     async def _direct_loop(self) -> None:
         async for inbound in self.transport.incoming():
-            self._handle(inbound.data, None)
+            self._handle(inbound.data, None, inbound.sender)
 
     async def _topic_loop(self, sub: Subscription) -> None:
         async for data in sub:
@@ -534,6 +660,12 @@ class Agent:
     def _charge_batch(self, batch: list[Charge], now_ms: int) -> list[str | None]:
         """Runs in a worker thread. A charge that raises is a refusal, never a pass."""
         guard = self.core.responder.guard
+        if isinstance(guard, LedgerGuard):
+            try:
+                return guard.charge_many(batch, now_ms)  # group commit: one fsync
+            except Exception:
+                log.exception("privacy charge failed")
+                return ["charge_failed"] * len(batch)
         refusals: list[str | None] = []
         for item in batch:
             if guard is None:
@@ -562,6 +694,7 @@ class Agent:
         while True:
             item = await self._outbound.get()
             try:
+                faults.outbound(item.data)  # test-only, inert by default
                 if isinstance(item, Send):
                     await self.transport.send(item.peer, item.data)
                 else:
@@ -569,6 +702,33 @@ class Agent:
             except TransportError as exc:
                 self.core.metrics[f"send_failed.{type(exc).__name__}"] += 1
                 log.debug("transport refused a message: %s", exc)
+
+
+def relay_check(origin: str, topic: str, data: bytes) -> bool:
+    """Whether gossip is worth relaying (a transport's ``gossip_validator``): an
+    authentic gossip envelope inside the time window, signed by ``origin`` (the
+    peer that published it). Stateless (no replay state: the receiving core
+    keeps that), so safe to call from the transport's own thread."""
+    try:
+        opened = Verifier().open(data, int(time.time() * 1000))
+    except FiPeerError:
+        return False
+    return opened.kind in GOSSIP_KINDS and opened.sender == origin
+
+
+def _claimed_sender(data: bytes) -> bytes | None:
+    """The sender key an envelope claims (not verified), or None if it names none."""
+    try:
+        unpacker = msgpack.Unpacker(raw=True, max_buffer_size=max(1, len(data)))
+        unpacker.feed(data)
+        if unpacker.read_array_header() != 7:
+            return None
+        unpacker.skip()  # version
+        unpacker.skip()  # kind
+        sender = unpacker.unpack()
+    except Exception:
+        return None
+    return sender if type(sender) is bytes and len(sender) == 32 else None
 
 
 def _failed(query_id: bytes, reason: str) -> QueryOutcome:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import fcntl
 import gc
@@ -46,7 +47,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fi_peer.agent import Agent, LedgerGuard
+from fi_peer.agent import Agent, LedgerGuard, relay_check
 from fi_peer.chain.client import ChainClient, Deployment
 from fi_peer.chain.errors import ChainError
-from fi_peer.chain.store import ReceiptStore
+from fi_peer.chain.store import ReceiptState, ReceiptStore
 from fi_peer.chain.terms import checksum
 from fi_peer.config import MAX_K, ChainConfig, PeerConfig
 from fi_peer.control import (
@@ -70,7 +71,9 @@ from fi_peer.control import (
     write_control_file,
 )
 from fi_peer.errors import ConfigError, FiPeerError, KeystoreError, LocalProtocolError
+from fi_peer.he_runtime import HE_RULE, HERuntime, runtime_for
 from fi_peer.identity import Identity, load_keystore
+from fi_peer.metrics import PeerMetrics
 from fi_peer.models.aggregation import decide
 from fi_peer.models.runtime import ModelRuntime
 from fi_peer.privacy.budget import BudgetLedger, BudgetLimits
@@ -208,9 +211,13 @@ def open_chain(config: PeerConfig) -> tuple[Settler, EthPayments]:
         every_s=chain.settle_every_s,
         claim_every_s=chain.claim_every_s,
         auto_withdraw=chain.auto_withdraw,
+        book_path=config.receipts_file,  # the querier's escrows, across restarts
     )
     payments = EthPayments(
-        client.account, client.receipt_domain, settle_window_s=chain.settle_window_s
+        client.account,
+        client.receipt_domain,
+        settle_window_s=chain.settle_window_s,
+        registry=client.registry_domain,
     )
     return settler, payments
 
@@ -238,6 +245,7 @@ def make_transport(config: PeerConfig, identity: Identity) -> Transport:
                 listen=config.listen,
                 mdns=config.mdns,
                 dial_timeout=DIAL_TIMEOUT_S,
+                gossip_validator=relay_check,
             )
         from network.mqtt import MqttTransport
 
@@ -257,6 +265,14 @@ def address_peer(address: str) -> str | None:
         return from_libp2p_id(ID.from_base58(tail)) if tail else None
     except Exception:
         return None
+
+
+def announced_addresses(announce: Sequence[str], listening: Sequence[str]) -> list[str]:
+    """``[network] announce`` first (with the ``/p2p/<id>`` suffix of the listening
+    addresses added where missing: peers dial with it), then the listening ones."""
+    suffix = next((a[a.index("/p2p/") :] for a in listening if "/p2p/" in a), "")
+    extra = [a if "/p2p/" in a or not suffix else a.rstrip("/") + suffix for a in announce]
+    return list(dict.fromkeys([*extra, *listening]))
 
 
 def parse_input(value: object, input_dim: int) -> npt.NDArray[np.float32]:
@@ -331,6 +347,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         settler: Settler | None = None,
         payments: EthPayments | None = None,
+        he: HERuntime | None = None,
     ) -> None:
         self.config = config
         self.settler = settler
@@ -360,16 +377,20 @@ class Daemon:
             if ledger is not None
             else None
         )
+        # Input-private (HE) mode: served with an HE-ready model (<model>.he.npz), asked always.
+        self.he = he if he is not None else HERuntime(None)
+        card = dataclasses.replace(protocol_card(model), he=self.he.serves)
         self.core = PeerCore(
-            identity, protocol_card(model), config=core_config, guard=self.guard, payments=payments
+            identity, card, config=core_config, guard=self.guard, payments=payments
         )
-        self.agent = Agent(self.core, transport, model, clock=clock, chain=settler)
+        self.agent = Agent(self.core, transport, model, clock=clock, chain=settler, he=self.he)
         self.started_at = time.monotonic()
         self.control: ControlServer | None = None
         self._broker: Any = None
         self._gate = asyncio.Semaphore(config.max_concurrent)
         self._seen = _Counters()
         self._queries = {"ok": 0, "failed": 0}
+        self.stats = PeerMetrics()
         self._dials: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
 
@@ -377,6 +398,17 @@ class Daemon:
     def create(cls, config: PeerConfig, passphrase: str | None) -> Daemon:
         identity = load_identity(config, passphrase)
         model = load_model(config)
+        try:
+            he = runtime_for(
+                config.model,
+                input_dim=model.card.input_dim,
+                vector_len=model.vector_length(HE_RULE) if HE_RULE in model.card.rules else 0,
+            )
+        except FiPeerError as exc:
+            raise ConfigError(f"HE-ready model: {exc}") from exc
+        # The CKKS key pair for input-private queries, made now (~1-2 s of CPU that
+        # holds the GIL): made at the first query, it would stall the network then.
+        he.keys()
         transport = make_transport(config, identity)
         settler, payments = open_chain(config) if config.chain is not None else (None, None)
         return cls(
@@ -387,6 +419,7 @@ class Daemon:
             ledger=open_ledger(config),
             settler=settler,
             payments=payments,
+            he=he,
         )
 
     @property
@@ -468,12 +501,17 @@ class Daemon:
         except TransportError as exc:
             raise DaemonError(str(exc)) from exc
         # The core announces where it can be reached; that is known only now.
-        addresses = [a for a in self.transport.addresses() if 0 < len(a) <= 256 and a.isascii()]
+        addresses = announced_addresses(cfg.announce, self.transport.addresses())
+        addresses = [a for a in addresses if 0 < len(a) <= 256 and a.isascii()]
         self.core.addresses = tuple(addresses[:MAX_ANNOUNCED_ADDRESSES])
         await self.agent.start()
         token = new_token()
         self.control = ControlServer(
-            self, token=token, host=cfg.control_host, port=cfg.control_port
+            self,
+            token=token,
+            host=cfg.control_host,
+            port=cfg.control_port,
+            public_metrics=cfg.public_metrics,
         )
         await self.control.start()
         write_control_file(
@@ -500,7 +538,7 @@ class Daemon:
             # what the querier owes is settled now rather than left to claims
             await _bounded("the last settlement", self._last_settlement(), 10.0)
             await _bounded("the chain client", self.settler.client.aclose(), 3.0)
-            self.settler.store.close()
+            self.settler.close()
 
     async def _last_settlement(self) -> None:
         assert self.settler is not None
@@ -587,7 +625,7 @@ class Daemon:
 
     # -- control API (ControlHandler) --
 
-    def status(self) -> Json:
+    async def status(self) -> Json:
         card = self.model.card
         metrics = self.core.metrics
         return {
@@ -613,24 +651,83 @@ class Daemon:
             },
             "market": {"price_wei": self.config.price_wei, "capacity": self.config.capacity},
             "privacy": self._privacy_status(),
-            "chain": self._chain_status(),
+            "chain": await self._chain_status(),
             "queries": dict(self._queries),
             "answered": int(metrics.get("accepted.receipt", 0)),
             "metrics": {k: int(v) for k, v in sorted(metrics.items())},
         }
 
-    def _chain_status(self) -> Json:
+    async def _chain_status(self) -> Json:
         if self.settler is None:
             return {"paid": False}
         client = self.settler.client
+        receipts = self._receipts_by_state()
+        now = int(self._clock())  # the chain's clock, near enough for a status line
+        claimable = [
+            r for r in self.settler.store.receipts(state=ReceiptState.PENDING)
+            if r.terms.deadline < now
+        ]  # fmt: skip
+        earnings: Json = {
+            "credited_wei": None,  # in the escrow, withdrawable
+            "withdrawn_wei": int(self.settler.metrics.get("withdrawn_wei", 0)),  # by this run
+            "balance_wei": None,  # the account's own balance on chain
+            # receipts the queriers signed (not lost); confirmed: seen paid on chain
+            "earned_wei": sum(receipts[k]["wei"] for k in ("pending", "paid", "claimed")),
+            "confirmed_wei": receipts["paid"]["wei"] + receipts["claimed"]["wei"],
+        }
+        try:
+            async with asyncio.timeout(3.0):
+                earnings["credited_wei"] = await client.balance()
+                earnings["balance_wei"] = await client.eth_balance()
+        except (ChainError, TimeoutError) as exc:
+            earnings["error"] = str(exc) or "the chain did not answer in 3 s"
         return {
             "paid": True,
             "chain_id": client.deployment.chain_id,
             "escrow": client.deployment.escrow,
             "address": client.address,
             "pending_settlements": len(self.settler.pending),
+            "earnings": earnings,
+            "receipts": receipts,
+            "claimable": {
+                "count": len(claimable),
+                "wei": sum(r.receipt.amount_wei for r in claimable),
+            },
             "metrics": {k: int(v) for k, v in sorted(self.settler.metrics.items())},
         }
+
+    def _receipts_by_state(self) -> dict[str, dict[str, int]]:
+        """Receipts this member kept, by state: count and wei."""
+        doc = {state.value: {"count": 0, "wei": 0} for state in ReceiptState}
+        if self.settler is not None:
+            for stored in self.settler.store.receipts():
+                row = doc[stored.state.value]
+                row["count"] += 1
+                row["wei"] += stored.receipt.amount_wei
+        return doc
+
+    def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text (see fi_peer.metrics)."""
+        cfg = self.config
+        spent = None
+        if self.ledger is not None:
+            with contextlib.suppress(FiPeerError, ValueError):
+                spent = self.ledger.spent(None, self._clock())
+        settler = self.settler
+        return self.stats.render(
+            core={k: int(v) for k, v in self.core.metrics.items()},
+            transport={k: int(v) for k, v in self.transport.stats.items()},
+            peers_known=len(self.core.membership),
+            peers_connected=len(self.transport.peers()),
+            uptime_s=time.monotonic() - self.started_at,
+            epsilon_spent=spent,
+            budgets={"global": cfg.global_epsilon, "per_querier": cfg.per_querier_epsilon},
+            wei_by_state=(
+                {k: v["wei"] for k, v in self._receipts_by_state().items()} if settler else None
+            ),
+            settler={k: int(v) for k, v in settler.metrics.items()} if settler else None,
+            settlements_pending=len(settler.pending) if settler else 0,
+        )
 
     def _privacy_status(self) -> Json:
         cfg = self.config
@@ -644,8 +741,21 @@ class Daemon:
             "global_epsilon": _finite_or_text(cfg.global_epsilon),
         }
         if self.ledger is not None:
+            now = self._clock()
             with contextlib.suppress(FiPeerError, ValueError):
-                doc["global_epsilon_spent"] = self.ledger.spent(None, self._clock())
+                spent = self.ledger.spent(None, now)
+                doc["global_epsilon_spent"] = spent
+                doc["global_epsilon_left"] = _finite_or_text(max(0.0, cfg.global_epsilon - spent))
+            # Per querier: the peers known now (a querier that left still counts in the global).
+            queriers = []
+            for peer in sorted(p.peer_id for p in self.core.membership.peers()):
+                with contextlib.suppress(FiPeerError, ValueError):
+                    used = self.ledger.spent(peer, now)
+                    left = max(0.0, cfg.per_querier_epsilon - used)
+                    queriers.append(
+                        {"peer_id": peer, "spent": used, "left": _finite_or_text(left)}
+                    )
+            doc["per_querier"] = queriers
         return doc
 
     def peers(self) -> Json:
@@ -666,6 +776,7 @@ class Daemon:
                     "arch": a.card.arch,
                     "model_hash": a.card.model_hash.hex(),
                     "rules": list(a.card.rules),
+                    "he": a.card.he,  # serves input-private (HE) queries
                 }
             )
         return {"peer_id": self.peer_id, "peers": rows}
@@ -674,7 +785,12 @@ class Daemon:
         cfg = self.config
         card = self.model.card
         rows = parse_input(request.get("input"), card.input_dim)
-        rule = request.get("rule") or cfg.rule
+        input_private = request.get("input_private", False)  # HE mode (fi_peer.he_runtime)
+        if not isinstance(input_private, bool):
+            raise RequestError(400, "input_private must be true or false")
+        rule = request.get("rule") or (HE_RULE if input_private else cfg.rule)
+        if input_private and rule != HE_RULE:
+            raise RequestError(400, f"input-private queries use the {HE_RULE!r} rule")
         if not isinstance(rule, str) or rule not in card.rules:
             raise RequestError(
                 400, f"rule {rule!r} is not offered by this peer's model ({', '.join(card.rules)})"
@@ -685,14 +801,19 @@ class Daemon:
                 409, "no other peer is known yet; wait for discovery (`fi-peer peers`)"
             )
         k = _number(request, "k", int, min(cfg.k, known), 1, MAX_K)
-        timeout_s = _number(request, "timeout_s", float, cfg.query_timeout_s, 0.1, 110.0)
+        # An HE query may carry the key exchange (~53 MB to each new member): more time.
+        timeout_default = max(cfg.query_timeout_s, 60.0) if input_private else cfg.query_timeout_s
+        timeout_s = _number(request, "timeout_s", float, timeout_default, 0.1, 110.0)
         max_price = _number(request, "max_price_wei", int, cfg.max_price_wei, 0, 2**64 - 1)
-        epsilon = _number(request, "epsilon", float, cfg.epsilon, 0.0, 1e6)
+        # The HE mode's support vector has no bounded sensitivity: no DP unless asked.
+        eps_default = 0.0 if input_private else cfg.epsilon
+        epsilon = _number(request, "epsilon", float, eps_default, 0.0, 1e6)
         delta = _number(request, "delta", float, cfg.delta, 1e-12, 0.5)
         secagg = request.get("secure_aggregation", cfg.secure_aggregation)
         if not isinstance(secagg, bool):
             raise RequestError(400, "secure_aggregation must be true or false")
         privacy = {"epsilon": epsilon, "delta": delta, "secagg": secagg}
+        privacy["input_private"] = input_private
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
@@ -711,6 +832,7 @@ class Daemon:
             "epsilon": epsilon,
             "delta": delta if epsilon > 0 else 0.0,
             "secure_aggregation": secagg,
+            "input_private": input_private,
             "results": results,
             "timings": {"total_ms": round(total_ms, 3)},
         }
@@ -726,6 +848,7 @@ class Daemon:
         epsilon: float,
         delta: float,
         secagg: bool,
+        input_private: bool = False,
     ) -> Json:
         async with self._gate:
             started = time.perf_counter()
@@ -739,10 +862,14 @@ class Daemon:
                     epsilon=epsilon,
                     delta=delta,
                     secagg=secagg,
+                    input_private=input_private,
                 )
             except LocalProtocolError as exc:
                 raise RequestError(400, str(exc)) from exc
             wall_ms = (time.perf_counter() - started) * 1000
+        self.stats.observe_query(outcome.ok, wall_ms / 1000, outcome.elapsed_ms / 1000)
+        if not outcome.ok:
+            self.stats.count_failure(str(outcome.reason))
         result: Json = {
             "ok": outcome.ok,
             "reason": outcome.reason,

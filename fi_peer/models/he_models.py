@@ -35,6 +35,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ __all__ = [
     "HEPeer",
     "Square",
     "build_he_network",
+    "ensure_he_models",
     "export_he_model",
     "train_he_network",
     "train_he_peer_models",
@@ -248,3 +250,21 @@ def train_he_pooled(
         seed=derive_seed(seed, _POOLED_KEY),
     )
     return export_he_model(net)
+
+
+def ensure_he_models(
+    model_paths: Sequence[Path], alpha: float, seed: int, *, epochs: int = 50
+) -> list[Path]:
+    """The HE-ready model of each owner model file of the zoo (same ``alpha`` and
+    ``seed``, hence the same Dirichlet partition), written next to it as
+    ``<model>.he.npz`` (what a daemon serves in the HE mode). Trained only if
+    missing. The file holds the served support model ``[n(y) f(y|x), n(y)]``."""
+    from fi_peer.he_runtime import he_model_path, save_he_model
+
+    out = [he_model_path(Path(p)) for p in model_paths]
+    if all(p.is_file() for p in out):
+        return out
+    peers = train_he_peer_models(len(out), alpha, seed, epochs=epochs)
+    for path, peer in zip(out, peers, strict=True):
+        save_he_model(path, peer.answer_model)
+    return out

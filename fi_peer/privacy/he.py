@@ -142,6 +142,7 @@ __all__ = [
     "Partial",
     "PublicContext",
     "SecretContext",
+    "add_outputs",
     "build_he_model",
     "choose_layout",
     "chunk_context",
@@ -1103,3 +1104,14 @@ def open_aggregate(
     """Querier side: decrypt the aggregate; UnexpectedMessage if it sums too few members."""
     _check_aggregate(partial, committee, threshold)
     return decrypt_outputs(ctx, partial.output)
+
+
+def add_outputs(ctx: PublicContext, outputs: Sequence[EncryptedOutput]) -> EncryptedOutput:
+    """Member side: the encrypted sum of outputs of one layout and shape (each
+    blob parsed and checked first; MalformedMessage for anything else)."""
+    if not outputs:
+        raise LocalProtocolError("nothing to add")
+    if len(outputs) == 1:
+        _load_output(ctx._ctx, outputs[0])
+        return outputs[0]
+    return _add_outputs(ctx._ctx, outputs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from fi_peer.protocol.he_effects import HEEffect
 from fi_peer.protocol.messages import QueryRequest, Receipt
 from fi_peer.protocol.payment import EscrowTerms
 
@@ -129,4 +130,5 @@ class QueryDone:
 
 Effect = (
     Publish | Send | SetTimer | Evaluate | Charge | OpenEscrow | VerifyEscrow | Paid | QueryDone
+    | HEEffect
 )

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from fi_peer.privacy.secagg import CIPHERTEXT_LEN, COMMIT_LEN, TAG_LEN
 from fi_peer.privacy.shamir import SHARE_LEN
+from fi_peer.protocol.he_messages import HE_MESSAGE_TYPES, HEMessage
 from fi_peer.protocol.payment import SIGNATURE_LEN, is_eth_address
 
 QUERY_ID_LEN = 16
@@ -149,6 +150,8 @@ class ModelCard:
     arch: str
     model_hash: bytes
     rules: tuple[str, ...]
+    # Serves the homomorphic (CKKS) input-private mode (he_messages.py).
+    he: bool = False
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -381,8 +384,12 @@ class Share:
 
     query_id: bytes
     vector: bytes
+    # Hash commitment to the noisy vector before masking (fi_peer.protocol.audit).
     commitment: bytes
     view_tags: tuple[bytes, ...] = ()
+    # Paid queries: the member's EIP-712 signature of (querier, query id, commitment)
+    # with its registered account (what PeerRegistry.reportEquivocation checks).
+    commitment_sig: bytes = b""
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -392,6 +399,8 @@ class Share:
         _require(len(self.commitment) in (0, DIGEST_LEN), "commitment must be empty or 32 bytes")
         _require(len(self.view_tags) < MAX_K, "too many view tags")
         _blobs(self.view_tags, TAG_LEN, "view_tags")
+        _require(len(self.commitment_sig) in (0, SIGNATURE_LEN), "commitment_sig: 0 or 65 bytes")
+        _require(bool(self.commitment) or not self.commitment_sig, "signature, no commitment")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -484,6 +493,46 @@ class Result:
         _name(self.reason, "reason")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenRequest:
+    """Querier -> member, after the answer: open your commitment for this query
+    (an audit; see fi_peer.protocol.audit)."""
+
+    KIND: ClassVar[str] = "open_request"
+    MAX_ENVELOPE: ClassVar[int] = 1024
+
+    query_id: bytes
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Opening:
+    """Member -> querier: the noisy vector and nonce my Share committed to, or
+    (both empty) why I refuse to open (``refused``)."""
+
+    KIND: ClassVar[str] = "opening"
+    MAX_ENVELOPE: ClassVar[int] = 8 * MAX_VECTOR_LEN + 1024
+
+    query_id: bytes
+    vector: bytes = b""
+    nonce: bytes = b""
+    refused: str = ""
+
+    def __post_init__(self) -> None:
+        _typed(self)
+        _query_id(self.query_id)
+        if self.refused:
+            _name(self.refused, "refused")
+            _require(not self.vector and not self.nonce, "a refusal carries no vector")
+        else:
+            _require(0 < len(self.vector) <= 8 * MAX_VECTOR_LEN, "vector size out of range")
+            _require(len(self.vector) % 8 == 0, "vector must be whole 64-bit words")
+            _require(len(self.nonce) == DIGEST_LEN, "nonce must be 32 bytes")
+
+
 Message = (
     Announce
     | QueryRequest
@@ -497,6 +546,9 @@ Message = (
     | Reveal
     | Receipt
     | Result
+    | OpenRequest
+    | Opening
+    | HEMessage
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -514,6 +566,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Reveal,
         Receipt,
         Result,
+        OpenRequest,
+        Opening,
+        *HE_MESSAGE_TYPES,
     )
 }
 MAX_ENVELOPE_BYTES = max(cls.MAX_ENVELOPE for cls in MESSAGE_TYPES.values())

@@ -33,9 +33,20 @@ import numpy.typing as npt
 
 from fi_peer.errors import LocalProtocolError, RemoteProtocolError, UnexpectedMessage
 from fi_peer.identity import Identity
-from fi_peer.protocol.effects import Charge, Effect, Evaluate, Publish, QueryDone, SetTimer
+from fi_peer.protocol.audit import AuditBook
+from fi_peer.protocol.effects import (
+    Charge,
+    Effect,
+    Evaluate,
+    Publish,
+    QueryDone,
+    Send,
+    SetTimer,
+)
 from fi_peer.protocol.envelope import Opened, Verifier, seal
 from fi_peer.protocol.guard import PrivacyGuard
+from fi_peer.protocol.he_peer import HECoreMixin
+from fi_peer.protocol.he_query import HEConfig
 from fi_peer.protocol.membership import MEMBERSHIP_TIMER, Membership
 from fi_peer.protocol.messages import (
     QUERY_ID_LEN,
@@ -46,6 +57,8 @@ from fi_peer.protocol.messages import (
     KeyShares,
     ModelCard,
     Offer,
+    Opening,
+    OpenRequest,
     QueryRequest,
     Receipt,
     Result,
@@ -55,10 +68,11 @@ from fi_peer.protocol.messages import (
 )
 from fi_peer.protocol.payment import Payments
 from fi_peer.protocol.querier import QuerierConfig, QuerySession
+from fi_peer.protocol.reputation import ReputationSelector
 from fi_peer.protocol.responder import Responder, ResponderConfig
 from fi_peer.protocol.topics import peers_topic, query_topic
 
-GOSSIP_KINDS = frozenset({Announce.KIND, QueryRequest.KIND})
+GOSSIP_KINDS = frozenset({Announce.KIND, QueryRequest.KIND, "he_request"})
 # Decline reasons are chosen by peers: count at most this many distinct ones.
 MAX_DECLINE_REASONS = 64
 # Recently finished queries remembered so that their late Reveals (the sum is
@@ -74,9 +88,10 @@ class CoreConfig:
     window_ms: int = 30_000
     querier: QuerierConfig = field(default_factory=QuerierConfig)
     responder: ResponderConfig = field(default_factory=ResponderConfig)
+    he: HEConfig = field(default_factory=HEConfig)
 
 
-class PeerCore:
+class PeerCore(HECoreMixin):
     def __init__(
         self,
         identity: Identity,
@@ -95,7 +110,7 @@ class PeerCore:
         self.addresses = addresses
         self.payments = payments
         self.eth_address = eth_address or ("" if payments is None else payments.eth_address)
-        self.verifier = Verifier(window_ms=self.config.window_ms)
+        self.verifier = Verifier(window_ms=self.config.window_ms, identity=identity)
         self.membership = Membership(
             identity.peer_id,
             interval_ms=self.config.announce_interval_ms,
@@ -113,6 +128,11 @@ class PeerCore:
             payments=payments,
         )
         self.queries: dict[bytes, QuerySession] = {}
+        # Audits this peer runs as a querier (audit.py); None: it runs none.
+        self.audit_book: AuditBook | None = None
+        # Committee choice by reputation (reputation.py); None: the first k offers.
+        self.committee_selector: ReputationSelector | None = None
+        self._init_he(guard, payments)
         self._recent: OrderedDict[bytes, None] = OrderedDict()
         self._seq = 0
 
@@ -190,6 +210,9 @@ class PeerCore:
     def _dispatch(self, opened: Opened, now_ms: int) -> list[Effect] | None:
         """The handler's effects; None for a message that came after its query ended."""
         msg, sender = opened.message, opened.sender
+        he_effects = self._dispatch_he(opened, now_ms)
+        if he_effects is not None:
+            return he_effects
         match msg:
             case Announce():
                 self.membership.on_announce(sender, msg, now_ms)
@@ -205,6 +228,8 @@ class PeerCore:
             case KeyShares():
                 return self._reap(self._query(msg.query_id).on_key_shares(sender, msg, now_ms))
             case Share():
+                if self.audit_book is not None:
+                    self.audit_book.on_share(msg.query_id, sender, msg.commitment)
                 return self._reap(self._query(msg.query_id).on_share(sender, msg, now_ms))
             case Reveal():
                 if msg.query_id in self._recent and msg.query_id not in self.queries:
@@ -220,6 +245,20 @@ class PeerCore:
                 return self.responder.on_receipt(sender, msg, now_ms)
             case Result():
                 return self.responder.on_result(sender, msg, now_ms)
+            case OpenRequest():
+                return self.responder.on_open_request(sender, msg, now_ms)
+            case Opening():
+                book = self.audit_book
+                if book is None or not book.is_audit(msg.query_id):
+                    raise UnexpectedMessage("opening for a query that is no audit of ours")
+                ok = book.on_opening(sender, msg)
+                self.metrics["audit.opened" if ok else "audit.not_opened"] += 1
+                if self.committee_selector is not None and ok:
+                    audited = sorted(book.opened)
+                    scores = book.accuracy(audited)
+                    contributions = dict(zip(audited, scores, strict=True))
+                    self.committee_selector.set_contributions(contributions)
+                return []
         raise UnexpectedMessage(f"no handler for {opened.kind}")  # pragma: no cover
 
     def _count_decline(self, reason: str) -> None:
@@ -234,7 +273,10 @@ class PeerCore:
         """Drop finished querier sessions once their QueryDone is emitted."""
         for effect in effects:
             if isinstance(effect, QueryDone):
-                self.queries.pop(effect.outcome.query_id, None)
+                session = self.queries.pop(effect.outcome.query_id, None)
+                if self.committee_selector is not None and session is not None:
+                    committee = [m.peer_id for m in session.committee]
+                    self.committee_selector.observe(committee, effect.outcome.contributors)
                 self._recent[effect.outcome.query_id] = None
                 if len(self._recent) > MAX_RECENT_QUERIES:
                     self._recent.popitem(last=False)
@@ -244,6 +286,9 @@ class PeerCore:
     def on_timer(self, key: Hashable, now_ms: int) -> list[Effect]:
         if key == MEMBERSHIP_TIMER:
             return self.heartbeat(now_ms)
+        he_effects = self._he_timer(key, now_ms)
+        if he_effects is not None:
+            return he_effects
         if isinstance(key, tuple) and len(key) == 3 and key[0] == "r-expire":
             return self.responder.on_expire((key[1], key[2]), now_ms)
         if not (isinstance(key, tuple) and len(key) == 2):
@@ -327,6 +372,7 @@ class PeerCore:
             now_ms,
             noise_sigma=noise_sigma,
             payments=self.payments,
+            selector=self.committee_selector,
         )
         self.queries[query_id] = session
         self.metrics["queries.submitted"] += 1
@@ -346,17 +392,37 @@ class PeerCore:
         recorded, else why it was not (the member then declines)."""
         if refusal is not None:
             self.metrics["charge.refused"] += 1
+        if (charge.querier, charge.request.query_id) in self.he.responder.sessions:
+            return self.he.responder.on_charged(
+                (charge.querier, charge.request.query_id), refusal, now_ms
+            )
+        key = (charge.querier, charge.request.query_id)
+        if self.responder.has_open_charge(key):
+            return self.responder.on_open_charged(key, refusal, now_ms)
         return self.responder.on_charged((charge.querier, charge.request.query_id), refusal, now_ms)
+
+    def request_openings(self, query_id: bytes, now_ms: int) -> list[Effect]:
+        """After an audit query's answer: ask its members to open their commitments."""
+        if self.audit_book is None or query_id in self.queries:
+            return []  # not an audit of ours, or not over yet (openings come after the answer)
+        return [
+            Send(member, seal(self.identity, request, now_ms))
+            for member, request in self.audit_book.open_requests(query_id)
+        ]
 
     def escrow_opened(self, query_id: bytes, ok: bool, now_ms: int) -> list[Effect]:
         """The driver's answer to an OpenEscrow effect (ok: the escrow is on chain)."""
         self.metrics["escrow.opened" if ok else "escrow.failed"] += 1
+        if query_id in self.he.queries:
+            return self.he.reap(self.he.queries[query_id].on_escrow_opened(ok, now_ms))
         session = self.queries.get(query_id)
         return [] if session is None else self._reap(session.on_escrow_opened(ok, now_ms))
 
     def escrow_verified(self, key: tuple[str, bytes], ok: bool, now_ms: int) -> list[Effect]:
         """The driver's answer to a VerifyEscrow effect; ``key`` is (querier, query id)."""
         self.metrics["escrow.verified" if ok else "escrow.not_found"] += 1
+        if key in self.he.responder.sessions:
+            return self.he.responder.on_escrow_verified(key, ok, now_ms)
         return self.responder.on_escrow_verified(key, ok, now_ms)
 
     def evaluation_failed(self, request: Evaluate, now_ms: int) -> list[Effect]:

@@ -88,7 +88,14 @@ from fi_peer.protocol.messages import (
     Unmask,
 )
 from fi_peer.protocol.payment import EscrowTerms, Payments
+from fi_peer.protocol.reputation import ReputationSelector
 from fi_peer.protocol.sealing import seal_input
+
+
+def _in_range(words: fixedpoint.Words, members: int) -> bool:
+    """Whether ``words`` can be the sum of ``members`` honest contributions."""
+    bound = members * fixedpoint.MAX_ABS_VALUE
+    return bool(np.all(np.abs(fixedpoint.decode(words)) <= bound))
 
 
 @lru_cache(maxsize=4096)
@@ -170,6 +177,7 @@ class QuerySession:
         *,
         noise_sigma: float = 0.0,
         payments: Payments | None = None,
+        selector: ReputationSelector | None = None,
     ) -> None:
         if x.shape != (request.input_dim,):
             raise LocalProtocolError(f"input must have shape ({request.input_dim},)")
@@ -193,6 +201,8 @@ class QuerySession:
         self.aggregator: secagg.Aggregator | None = None
         self.masked_total: fixedpoint.Words | None = None
         self.payments = payments
+        # Committee choice by reputation (reputation.py); None: the first k offers.
+        self.selector = selector
         self.escrow: EscrowTerms | None = None  # set once the committee is chosen (paid)
         self.escrow_open = False
         self.prices: dict[str, int] = {}
@@ -237,7 +247,11 @@ class QuerySession:
             raise LocalProtocolError(f"no transition from {self.state} on {event}") from None
 
     def _send(self, peer: str, message: Message, now_ms: int) -> Send:
-        return Send(peer, seal(self.identity, message, now_ms))
+        # Per-query messages to a member whose box key its signed Offer gave are
+        # MAC'd instead of signed (envelope.MAC_KINDS; seal decides by kind).
+        offer = self.offers.get(peer)
+        to = None if offer is None else (peer, offer.box_key)
+        return Send(peer, seal(self.identity, message, now_ms, to=to))
 
     def start(self) -> list[Effect]:
         # Leave at least half of the time budget for answering.
@@ -281,7 +295,9 @@ class QuerySession:
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
             return [self._send(sender, late, now_ms)]
         self.offers[sender] = offer
-        if len(self.offers) >= self.request.k:
+        k = self.request.k
+        wanted = k if self.selector is None else self.selector.pool_size(k)
+        if len(self.offers) >= wanted:
             return self._accept(now_ms)
         return []
 
@@ -294,7 +310,16 @@ class QuerySession:
         return self._accept(now_ms)
 
     def _accept(self, now_ms: int) -> list[Effect]:
-        chosen = list(self.offers.items())  # never more than k: see on_offer
+        chosen = list(self.offers.items())  # never more than k without a selector: see on_offer
+        passed: list[Effect] = []
+        if self.selector is not None:
+            picked = self.selector.choose(self.offers, self.request.k)
+            chosen = [(p, self.offers[p]) for p in picked]
+            not_selected = Result(query_id=self.query_id, ok=False, reason="not_selected")
+            passed = [self._send(p, not_selected, now_ms) for p in self.offers if p not in picked]
+            for p in list(self.offers):
+                if p not in picked:
+                    del self.offers[p]
         price = max(o.price_wei for _, o in chosen)
         paid = self.paid_mode and price > 0
         self.committee = tuple(
@@ -320,8 +345,8 @@ class QuerySession:
                 deadline_s=self.payments.escrow_deadline_s(self.request.deadline_ms),
             )
             self._goto(QEvent.ESCROW_PENDING)
-            return [OpenEscrow(self.escrow)]
-        return self._send_accepts(now_ms)
+            return [*passed, OpenEscrow(self.escrow)]
+        return [*passed, *self._send_accepts(now_ms)]
 
     def on_escrow_opened(self, ok: bool, now_ms: int) -> list[Effect]:
         """The driver's answer to OpenEscrow: the Accepts (and inputs) leave only now."""
@@ -444,6 +469,9 @@ class QuerySession:
                 raise UnexpectedMessage(f"bad masked share: {exc}") from exc
         elif share.view_tags:
             raise UnexpectedMessage("view tags on a plaintext share")
+        elif not _in_range(words, 1):
+            # no honest member can encode such a value (fixedpoint.encode refuses it)
+            raise UnexpectedMessage("plaintext share out of the fixed-point range")
         self.shares[sender] = words
         price = self.prices[sender]
         signature = b""
@@ -583,10 +611,17 @@ class QuerySession:
         if self.masked_total is not None or not agg.ready:
             return []
         try:
-            self.masked_total = agg.unmask()
+            total = agg.unmask()
         except secagg.SecAggError as exc:
             self._goto(QEvent.UNMASK_FAILED)
             return self._fail(exc.reason, now_ms)
+        assert agg.survivors is not None
+        if not _in_range(total, len(agg.survivors)):
+            # A masked share cannot be checked alone: a survivor sent garbage (or
+            # values no honest member encodes). Fail rather than answer garbage.
+            self._goto(QEvent.UNMASK_FAILED)
+            return self._fail("aggregate_out_of_range", now_ms)
+        self.masked_total = total
         return self._maybe_advance(now_ms)
 
     def _on_refusal(self, sender: str, now_ms: int) -> list[Effect]:
@@ -603,8 +638,11 @@ class QuerySession:
 
     # -- endings --------------------------------------------------------------
     def _notify(self, result: Result, now_ms: int) -> list[Effect]:
-        data = seal(self.identity, result, now_ms)
-        return [Send(m.peer_id, data) for m in self.committee if m.peer_id not in self.notified]
+        return [
+            self._send(m.peer_id, result, now_ms)
+            for m in self.committee
+            if m.peer_id not in self.notified
+        ]
 
     def _payment(self) -> tuple[EscrowTerms | None, tuple[str, ...]]:
         """The outcome's payment fields: what to settle (nothing if no escrow opened)."""

@@ -65,7 +65,7 @@ from fi_peer.errors import UnexpectedMessage
 from fi_peer.identity import Identity
 from fi_peer.privacy import secagg
 from fi_peer.privacy.dp import add_member_noise
-from fi_peer.protocol import fixedpoint
+from fi_peer.protocol import audit, fixedpoint
 from fi_peer.protocol.effects import Charge, Effect, Evaluate, Paid, Send, SetTimer, VerifyEscrow
 from fi_peer.protocol.envelope import seal
 from fi_peer.protocol.guard import PrivacyGuard
@@ -77,6 +77,8 @@ from fi_peer.protocol.messages import (
     Message,
     ModelCard,
     Offer,
+    Opening,
+    OpenRequest,
     QueryRequest,
     Receipt,
     Result,
@@ -175,6 +177,8 @@ class ResponderConfig:
     # Smallest committee we join under secure aggregation: with one member, the
     # "sum" is that member's vector.
     min_committee: int = 2
+    # Audits (audit.py): the largest fraction of one querier's answers we open.
+    max_open_fraction: float = audit.DEFAULT_MAX_FRACTION
 
 
 class Responder:
@@ -203,13 +207,19 @@ class Responder:
         self.sessions: dict[SessionKey, MemberSession] = {}
         self.receipts: list[Receipt] = []
         self._channels: OrderedDict[bytes, secagg.Channel] = OrderedDict()
+        self.openings = audit.OpeningDesk(config.max_open_fraction)
+        self._open_charges: dict[SessionKey, audit.Sealed] = {}
 
     @staticmethod
     def timer_key(key: SessionKey) -> tuple[str, str, bytes]:
         return ("r-expire", key[0], key[1])
 
     def _send(self, peer: str, message: Message, now_ms: int) -> Send:
-        return Send(peer, seal(self.identity, message, now_ms))
+        # Per-query messages to a querier whose box key its signed QueryRequest gave
+        # are MAC'd instead of signed (envelope.MAC_KINDS; seal decides by kind).
+        session = self.sessions.get((peer, getattr(message, "query_id", b"")))
+        to = None if session is None else (peer, session.request.reply_key)
+        return Send(peer, seal(self.identity, message, now_ms, to=to))
 
     def _decline(self, key: SessionKey, reason: str, now_ms: int) -> list[Effect]:
         """Give up on a query: tell the querier why and forget it."""
@@ -397,6 +407,7 @@ class Responder:
                 threshold=accept.threshold,
                 mask_secret=session.mask_secret,
                 channels=channels,
+                mask_public=session.mask_key,  # from mask_keypair(): no X25519 to recheck
             )
             ciphertexts, commitment = session.masking.key_shares()
         except secagg.SecAggError as exc:
@@ -498,10 +509,80 @@ class Responder:
             except secagg.SecAggError as exc:  # e.g. a member's mask key of low order
                 return self._decline(key, exc.reason, now_ms)
         data = fixedpoint.to_bytes(words)
+        committed = self._commit(key, session)
+        if committed is None:
+            return self._decline(key, "query_id_reused", now_ms)
         session.words = None
         session.share_digest = hashlib.sha256(data).digest()
-        share = Share(query_id=key[1], vector=data, commitment=b"", view_tags=tags)
+        share = Share(
+            query_id=key[1],
+            vector=data,
+            commitment=committed[0],
+            view_tags=tags,
+            commitment_sig=committed[1],
+        )
         return [self._send(session.querier, share, now_ms)]
+
+    def _commit(self, key: SessionKey, session: MemberSession) -> tuple[bytes, bytes] | None:
+        """Commit to the noisy vector (before masks) and keep the opening (audit.py);
+        None if we committed to this query id before (never twice: equivocation)."""
+        if self.openings.committed(*key):
+            return None
+        assert session.words is not None and session.accept is not None
+        noisy = fixedpoint.to_bytes(session.words)
+        nonce = nacl.utils.random(audit.NONCE_LEN)
+        commitment = audit.commit(key[1], self.identity.peer_id, noisy, nonce)
+        accept = session.accept
+        # The opening shows our vector with only our share of the noise.
+        sigma = accept.noise_sigma / math.sqrt(accept.threshold)
+        sealed = audit.Sealed(noisy, nonce, commitment, session.request, sigma)
+        self.openings.record(key[0], key[1], sealed)
+        signature = b""
+        signer = self.payments
+        if session.escrow is not None and isinstance(signer, audit.CommitmentSigner):
+            signature = signer.sign_commitment(session.escrow.querier, key[1], commitment)
+        return commitment, signature
+
+    def on_open_request(self, sender: str, request: OpenRequest, now_ms: int) -> list[Effect]:
+        """Open an answer's commitment (an audit), after the query is over, within
+        our opening limit; its privacy cost is charged first (like an answer)."""
+        key = (sender, request.query_id)
+        if key in self.sessions or key in self._open_charges:
+            result: audit.Sealed | str = "not_over"
+        else:
+            result = self.openings.open(sender, request.query_id)
+        if result == "unknown_query":
+            # Nothing of ours to open for this sender: no reply (anyone could make
+            # us send refusals), counted as rejected like any unexpected message.
+            raise UnexpectedMessage("open request for a query we did not answer to its sender")
+        if isinstance(result, str):
+            self.metrics[f"responder.open_refused.{result}"] += 1
+            refusal = Opening(query_id=request.query_id, refused=result)
+            return [self._send(sender, refusal, now_ms)]
+        # A plaintext answer was seen whole already: opening it releases nothing new.
+        if self.guard is None or not result.request.secagg:
+            return [self._opening(sender, result, now_ms)]
+        self._open_charges[key] = result
+        return [Charge(sender, result.request, result.sigma)]
+
+    def has_open_charge(self, key: SessionKey) -> bool:
+        return key in self._open_charges
+
+    def on_open_charged(self, key: SessionKey, refusal: str | None, now_ms: int) -> list[Effect]:
+        """The driver's answer to an opening's Charge."""
+        sealed = self._open_charges.pop(key, None)
+        if sealed is None:
+            return []
+        if refusal is not None:
+            self.metrics["responder.open_refused.budget"] += 1
+            return [self._send(key[0], Opening(query_id=key[1], refused=refusal), now_ms)]
+        return [self._opening(key[0], sealed, now_ms)]
+
+    def _opening(self, querier: str, sealed: audit.Sealed, now_ms: int) -> Send:
+        self.metrics["responder.opened"] += 1
+        qid = sealed.request.query_id
+        opening = Opening(query_id=qid, vector=sealed.vector, nonce=sealed.nonce)
+        return self._send(querier, opening, now_ms)
 
     def on_evaluation_failed(
         self, key: SessionKey, now_ms: int, reason: str = "model_error"

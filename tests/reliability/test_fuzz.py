@@ -154,7 +154,11 @@ async def test_fuzz_memory_agent() -> None:
                 )
                 deadline = time.monotonic() + 20
                 while sum(delta(rejected(core.metrics), before_rej).values()) < expected:
-                    assert time.monotonic() < deadline, "the agent stopped counting rejections"
+                    assert time.monotonic() < deadline, (
+                        "the agent stopped counting rejections: "
+                        f"{expected} sent, counted {delta(rejected(core.metrics), before_rej)}, "
+                        f"accepted {delta(accepted(core.metrics), before_acc)}"
+                    )
                     await asyncio.sleep(0.001)
                 if n == 1:  # after a warm-up batch: caches, interned strings, etc.
                     gc.collect()

@@ -33,6 +33,8 @@ from fi_peer.protocol.messages import (
     Member,
     ModelCard,
     Offer,
+    Opening,
+    OpenRequest,
     QueryRequest,
     Receipt,
     Result,
@@ -40,6 +42,7 @@ from fi_peer.protocol.messages import (
     Share,
     Unmask,
 )
+from tests.unit.he_wire import he_biggest, he_samples
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUNDTRIP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,6 +200,17 @@ results = st.builds(
     reason=token(),
 )
 
+open_requests = st.builds(OpenRequest, query_id=query_ids)
+openings = st.one_of(
+    st.builds(
+        Opening,
+        query_id=query_ids,
+        vector=st.integers(1, 4096).flatmap(lambda n: blob(8 * n)),
+        nonce=blob(32),
+    ),
+    st.builds(Opening, query_id=query_ids, refused=token()),
+)
+
 STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     ModelCard: model_cards,
     Member: members,
@@ -212,6 +226,10 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Reveal: reveals(),
     Receipt: receipts,
     Result: results,
+    OpenRequest: open_requests,
+    Opening: openings,
+    # HE mode (he_messages.py): fixed samples
+    **{type(m): st.just(m) for m in he_samples(1_000_000)},
 }
 any_message = st.one_of(*(STRATEGIES[cls] for cls in MESSAGE_TYPES.values()))
 
@@ -286,7 +304,10 @@ def test_largest_valid_messages_fit_their_caps() -> None:
         KeyRelay(query_id=b"\xff" * 16, u1=tuple(range(64)),
                  ciphertexts=(b"\xff" * CIPHERTEXT_LEN,) * 63),
         Share(query_id=b"\xff" * 16, vector=b"\xff" * (8 * 4096), commitment=b"\xff" * 32,
-              view_tags=(b"\xff" * TAG_LEN,) * 63),
+              view_tags=(b"\xff" * TAG_LEN,) * 63, commitment_sig=b"\xff" * 65),
+        OpenRequest(query_id=b"\xff" * 16),
+        Opening(query_id=b"\xff" * 16, vector=b"\xff" * (8 * 4096), nonce=b"\xff" * 32),
+        Opening(query_id=b"\xff" * 16, refused="r" * 64),
         Unmask(query_id=b"\xff" * 16, survivors=tuple(range(63)), dropped=(63,),
                view_tags=(b"\xff" * TAG_LEN,) * 62),
         Unmask(query_id=b"\xff" * 16, survivors=tuple(range(64)), dropped=(),
@@ -297,6 +318,7 @@ def test_largest_valid_messages_fit_their_caps() -> None:
                 price_wei=MAX_PRICE_WEI),
         Result(query_id=b"\xff" * 16, ok=False, contributors=tuple(f"{i:064x}" for i in range(64)),
                reason="r" * 64),
+        *he_biggest(),
     ]
     assert {type(m) for m in biggest} == set(MESSAGE_TYPES.values())
     now = 1_767_225_600_000

@@ -1,0 +1,1048 @@
+"""The homomorphic (CKKS) query mode, sans-I/O: querier and member state machines.
+
+Theory of operation (messages in he_messages.py; the CKKS work is the
+driver's, asked for with the effects of he_effects.py)::
+
+    querier: OFFERS --k offers / offer window (>= min_committee)---> ANSWERS
+             OFFERS --paid: OpenEscrow, then as above-------------> ESCROW -> ANSWERS
+             ANSWERS --all HEReady (or declined) / ready timer, >= t ready--> ROUTED
+             ROUTED --root's HEPartial over >= t members (HEDecrypt)--> DECRYPTING
+             DECRYPTING --he_decrypted--> DONE (receipts to the members summed)
+             any --< t possible / deadline / root failure--> FAILED
+
+    member:  (HERequest) --HEOffer--> OFFERED --HEAccept (escrow checked if paid)-->
+             WAIT_CONTEXT (chunks -> HELoadContext) --> EVALUATING (HEEvaluate)
+             --> CHARGING (Charge) --> READY (HEReady sent) --HERoute-->
+             COLLECTING (children's HEPartials, timer) --HECombine--> SENT
+
+Public context: the querier's context digest is in every HERequest; a member
+answers ``has_context`` in its offer, and the querier sends the chunks only to
+members without it, before the HEAccept. Members cache loaded contexts per
+(querier, digest) (least recently used, ``max_contexts``); a member takes
+chunks only for a digest named by an open request of that querier, so nobody
+can make it hold unsolicited megabytes.
+
+Aggregation (docs/he.md, choice (b)): homomorphic summation among members
+along a heap over the *live* members in an order fixed by
+sha256(query id | member id), which the querier cannot steer. The querier
+learns who is live from the HEReady messages (a member sends it once its own
+encrypted, noised answer is computed and its privacy cost charged), so
+members that declined or died before that are simply not in the tree; a
+member that dies later loses only its own subtree's answers (its parent goes
+on at its level's timer); the root releases only a sum over >= t members,
+and the querier decrypts only that (it checks the member set too). Members
+check that a partial from a child names only members of that child's
+subtree, and each member contributes to one aggregate per query.
+
+DP: each member adds N(0, sigma^2 / t) inside its ciphertext (the noise std
+is computed here, the sampling is the driver's); the privacy cost is charged
+like a securely aggregated answer (``Charge`` with the equivalent
+QueryRequest) before the member says it is ready, hence before any
+ciphertext of its answer leaves. Escrow and receipts as in the default mode:
+a receipt (and, paid, the querier's payment signature) for each member whose
+answer is in the decrypted aggregate; ``share_digest`` is the aggregate's
+sha256 (a member cannot see the aggregate, so it does not check it).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from fi_peer.errors import LocalProtocolError, UnexpectedMessage
+from fi_peer.identity import Identity
+from fi_peer.privacy.dp import member_noise_std
+from fi_peer.protocol.effects import (
+    Charge,
+    Effect,
+    OpenEscrow,
+    Paid,
+    QueryDone,
+    QueryOutcome,
+    Send,
+    SetTimer,
+    VerifyEscrow,
+)
+from fi_peer.protocol.envelope import seal
+from fi_peer.protocol.guard import PrivacyGuard
+from fi_peer.protocol.he_effects import (
+    HECombine,
+    HEDecrypt,
+    HEEvaluate,
+    HELoadContext,
+    HESendChunks,
+)
+from fi_peer.protocol.he_messages import (
+    HE_CHUNK_BYTES,
+    HE_MAX_CHUNKS,
+    HEAccept,
+    HEContextChunk,
+    HEOffer,
+    HEPartial,
+    HEReady,
+    HERequest,
+    HERoute,
+)
+from fi_peer.protocol.messages import Decline, Message, ModelCard, Receipt, Result
+from fi_peer.protocol.payment import EscrowTerms, Payments
+
+MAX_CONTEXT_BYTES = HE_MAX_CHUNKS * HE_CHUNK_BYTES
+DEFAULT_FAN_IN = 4
+GRACE_MS = 5_000
+SIGMA_RTOL = 1e-9
+
+SessionKey = tuple[str, bytes]
+
+
+def aggregation_order(query_id: bytes, members: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The members sorted by sha256(query id | member id): fixed by the query, not
+    chosen by the querier (it picks the query id before knowing the offers)."""
+    return tuple(
+        sorted(members, key=lambda m: hashlib.sha256(query_id + bytes.fromhex(m)).digest())
+    )
+
+
+def tree_parent(live: tuple[str, ...], member: str, fan_in: int) -> str | None:
+    """Where ``member`` sends its partial (None: it is the root, it sends to the querier)."""
+    pos = live.index(member)
+    return None if pos == 0 else live[(pos - 1) // fan_in]
+
+
+def tree_children(live: tuple[str, ...], member: str, fan_in: int) -> tuple[str, ...]:
+    pos = live.index(member)
+    first = pos * fan_in + 1
+    return live[first : first + fan_in]
+
+
+def tree_subtree(live: tuple[str, ...], member: str, fan_in: int) -> frozenset[str]:
+    out: set[str] = set()
+    todo = [member]
+    while todo:
+        node = todo.pop()
+        out.add(node)
+        todo.extend(tree_children(live, node, fan_in))
+    return frozenset(out)
+
+
+def tree_height(live: tuple[str, ...], member: str, fan_in: int) -> int:
+    """Levels below ``member`` (0 for a leaf)."""
+    kids = tree_children(live, member, fan_in)
+    return 0 if not kids else 1 + max(tree_height(live, k, fan_in) for k in kids)
+
+
+def aggregate_digest(blobs: tuple[bytes, ...]) -> bytes:
+    h = hashlib.sha256()
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "big"))
+        h.update(blob)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEConfig:
+    """Knobs of the HE mode (both roles)."""
+
+    fan_in: int = DEFAULT_FAN_IN
+    # Querier: the time per tree level members wait for their children, and the
+    # part of the time budget kept for the route and tree rounds.
+    hop_ms: int = 1500
+    route_reserve_ms: int = 4000
+    # Member: serve HE queries (needs an HE-ready model: the card's ``he`` flag).
+    max_hop_ms: int = 10_000
+    max_contexts: int = 4
+    max_pending_contexts: int = 4
+    # Querier: a context transfer still under way is not started again before this.
+    resend_ms: int = 120_000
+
+
+# --------------------------------------------------------------------------- querier
+
+
+class HQState(enum.Enum):
+    OFFERS = "offers"
+    ESCROW = "escrow"
+    ANSWERS = "answers"
+    ROUTED = "routed"
+    DECRYPTING = "decrypting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class HEQuerySession:
+    def __init__(
+        self,
+        identity: Identity,
+        request: HERequest,
+        blobs: tuple[bytes, ...],
+        chunks: tuple[HEContextChunk, ...],
+        now_ms: int,
+        *,
+        offer_window_ms: int,
+        min_committee: int,
+        noise_sigma: float,
+        config: HEConfig,
+        payments: Payments | None,
+        capable: Callable[[str], bool],
+        context_sent: dict[str, int] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.request = request
+        # member -> when our context went to it (shared by this peer's HE queries)
+        self.context_sent = context_sent if context_sent is not None else {}
+        self.blobs = blobs
+        self.chunks = chunks
+        self.started_ms = now_ms
+        self.offer_window_ms = offer_window_ms
+        self.min_committee = max(2, min_committee)
+        self.noise_sigma = noise_sigma
+        self.config = config
+        self.payments = payments
+        self.capable = capable
+        self.state = HQState.OFFERS
+        self.offers: dict[str, HEOffer] = {}
+        self.committee: tuple[str, ...] = ()
+        self.eths: dict[str, str] = {}
+        self.threshold = 0
+        self.price = 0
+        self.ready: set[str] = set()
+        self.declined: set[str] = set()
+        self.live: tuple[str, ...] = ()
+        self.summed: tuple[str, ...] = ()
+        self.aggregate: tuple[bytes, ...] = ()
+        self.escrow: EscrowTerms | None = None
+        self.escrow_open = False
+        self.context_bytes_sent = 0
+
+    @property
+    def query_id(self) -> bytes:
+        return self.request.query_id
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (HQState.DONE, HQState.FAILED)
+
+    @property
+    def paid_mode(self) -> bool:
+        return self.payments is not None and self.request.max_price_wei > 0
+
+    def timer(self, what: str) -> tuple[str, bytes]:
+        return (f"he-q-{what}", self.query_id)
+
+    def _send(self, peer: str, message: Message, now_ms: int) -> Send:
+        return Send(peer, seal(self.identity, message, now_ms))
+
+    def start(self) -> list[Effect]:
+        half = (self.request.deadline_ms - self.started_ms) // 2
+        window = min(self.offer_window_ms, half)
+        return [
+            SetTimer(self.timer("offers"), self.started_ms + window),
+            SetTimer(self.timer("deadline"), self.request.deadline_ms),
+        ]
+
+    # -- offers -------------------------------------------------------------------
+    def on_offer(self, sender: str, offer: HEOffer, now_ms: int) -> list[Effect]:
+        if sender in self.offers:
+            raise UnexpectedMessage("second offer from one peer")
+        if not self.capable(sender):
+            raise UnexpectedMessage("HE offer from a peer that does not announce the HE mode")
+        if offer.price_wei > self.request.max_price_wei:
+            raise UnexpectedMessage("offer above the maximum price")
+        if self.paid_mode:
+            if not offer.eth_address:
+                raise UnexpectedMessage("offer without an address for a paid query")
+            taken = {o.eth_address.lower() for o in self.offers.values()}
+            if offer.eth_address.lower() in taken:
+                raise UnexpectedMessage("offer with another member's address")
+        if self.state is not HQState.OFFERS:
+            late = Result(query_id=self.query_id, ok=False, reason="not_selected")
+            return [self._send(sender, late, now_ms)]
+        self.offers[sender] = offer
+        if len(self.offers) >= self.request.k:
+            return self._choose(now_ms)
+        return []
+
+    def on_offers_timer(self, now_ms: int) -> list[Effect]:
+        if self.state is not HQState.OFFERS:
+            return []
+        if len(self.offers) < self.min_committee:
+            return self._fail(f"too_few_offers_{len(self.offers)}", now_ms)
+        return self._choose(now_ms)
+
+    def _choose(self, now_ms: int) -> list[Effect]:
+        chosen = list(self.offers.items())[: self.request.k]
+        self.committee = tuple(p for p, _ in chosen)
+        self.threshold = len(self.committee) // 2 + 1
+        self.price = max(o.price_wei for _, o in chosen)
+        paid = self.paid_mode and self.price > 0
+        self.eths = {p: (o.eth_address if paid else "") for p, o in chosen}
+        if paid:
+            assert self.payments is not None
+            self.escrow = EscrowTerms(
+                query_id=self.query_id,
+                querier=self.payments.eth_address,
+                committee=tuple(self.eths[p] for p in self.committee),
+                price_wei=self.price,
+                deadline_s=self.payments.escrow_deadline_s(self.request.deadline_ms),
+            )
+            self.state = HQState.ESCROW
+            return [OpenEscrow(self.escrow)]
+        return self._send_accepts(now_ms)
+
+    def on_escrow_opened(self, ok: bool, now_ms: int) -> list[Effect]:
+        if self.state is not HQState.ESCROW:
+            return []
+        if not ok:
+            return self._fail("escrow_failed", now_ms)
+        self.escrow_open = True
+        return self._send_accepts(now_ms)
+
+    def _send_accepts(self, now_ms: int) -> list[Effect]:
+        self.state = HQState.ANSWERS
+        escrow = self.escrow
+        effects: list[Effect] = []
+        for peer in self.committee:
+            recent = now_ms - self.context_sent.get(peer, -(10**15)) < self.config.resend_ms
+            if not self.offers[peer].has_context and not recent:
+                effects.append(HESendChunks(peer, self.chunks))  # sealed as they leave
+                self.context_sent[peer] = now_ms
+                self.context_bytes_sent += sum(len(c.payload) for c in self.chunks)
+            accept = HEAccept(
+                query_id=self.query_id,
+                members=self.committee,
+                eth_addresses=tuple(self.eths[p] for p in self.committee),
+                threshold=self.threshold,
+                fan_in=self.config.fan_in,
+                price_wei=self.price,
+                noise_sigma=self.noise_sigma,
+                context_digest=self.request.context_digest,
+                blobs=self.blobs,
+                querier_eth="" if escrow is None else escrow.querier,
+                escrow_deadline_s=0 if escrow is None else escrow.deadline_s,
+            )
+            effects.append(self._send(peer, accept, now_ms))
+        reserve = min(self.config.route_reserve_ms, (self.request.deadline_ms - now_ms) // 3)
+        effects.append(SetTimer(self.timer("ready"), self.request.deadline_ms - reserve))
+        return effects
+
+    # -- readiness, route ------------------------------------------------------------
+    def on_ready(self, sender: str, msg: HEReady, now_ms: int) -> list[Effect]:
+        if self.state is not HQState.ANSWERS or sender not in self.committee:
+            raise UnexpectedMessage("HE ready outside the answer round or from a non-member")
+        if sender in self.ready or sender in self.declined:
+            raise UnexpectedMessage("second answer from one member")
+        self.ready.add(sender)
+        if len(self.ready | self.declined) == len(self.committee):
+            return self._route(now_ms)
+        return []
+
+    def on_ready_timer(self, now_ms: int) -> list[Effect]:
+        return self._route(now_ms) if self.state is HQState.ANSWERS else []
+
+    def _route(self, now_ms: int) -> list[Effect]:
+        if len(self.ready) < self.threshold:
+            return self._fail(f"too_few_answers_{len(self.ready)}_of_{self.threshold}", now_ms)
+        order = aggregation_order(self.query_id, self.committee)
+        self.live = tuple(m for m in order if m in self.ready)
+        self.state = HQState.ROUTED
+        route = HERoute(query_id=self.query_id, live=self.live, hop_ms=self.config.hop_ms)
+        data = seal(self.identity, route, now_ms)
+        effects: list[Effect] = [Send(m, data) for m in self.live]
+        excluded = Result(query_id=self.query_id, ok=False, reason="excluded")
+        for m in self.committee:
+            if m not in self.ready and m not in self.declined:
+                effects.append(self._send(m, excluded, now_ms))
+        return effects
+
+    def on_partial(self, sender: str, partial: HEPartial, now_ms: int) -> list[Effect]:
+        if self.state is not HQState.ROUTED or not self.live or sender != self.live[0]:
+            raise UnexpectedMessage("HE aggregate not from the root of this query's tree")
+        members = set(partial.members)
+        if partial.querier != self.identity.peer_id or not members <= set(self.live):
+            raise UnexpectedMessage("HE aggregate names another querier or non-members")
+        if len(members) < self.threshold:
+            raise UnexpectedMessage("HE aggregate over fewer members than the threshold")
+        if len(partial.blobs) != self.request.n_inputs:
+            raise UnexpectedMessage("HE aggregate has the wrong number of ciphertexts")
+        self.summed = partial.members
+        self.aggregate = partial.blobs
+        self.state = HQState.DECRYPTING
+        return [HEDecrypt(self.query_id, partial.blobs, self.request.vector_len)]
+
+    def on_decrypted(self, values: npt.ArrayLike | None, now_ms: int) -> list[Effect]:
+        if self.state is not HQState.DECRYPTING:
+            return []
+        if values is None:
+            return self._fail("decrypt_failed", now_ms)
+        total = np.asarray(values, dtype=np.float64).ravel()
+        if total.shape != (self.request.vector_len * self.request.n_inputs,) or not np.all(
+            np.isfinite(total)
+        ):
+            return self._fail("decrypt_failed", now_ms)
+        self.state = HQState.DONE
+        digest = aggregate_digest(self.aggregate)
+        effects: list[Effect] = []
+        for member in self.summed:
+            signature = b""
+            if self.escrow is not None:
+                assert self.payments is not None
+                signature = self.payments.sign_receipt(self.query_id, self.eths[member], self.price)
+            receipt = Receipt(
+                query_id=self.query_id,
+                member=member,
+                share_digest=digest,
+                price_wei=self.price,
+                payment_sig=signature,
+            )
+            effects.append(self._send(member, receipt, now_ms))
+        escrow, delivered = self._payment()
+        outcome = QueryOutcome(
+            query_id=self.query_id,
+            ok=True,
+            reason="ok",
+            total=total,
+            contributors=tuple(sorted(self.summed)),
+            committee_size=len(self.committee),
+            elapsed_ms=now_ms - self.started_ms,
+            escrow=escrow,
+            delivered=delivered,
+        )
+        result = Result(query_id=self.query_id, ok=True, contributors=tuple(sorted(self.summed)))
+        return [*effects, *self._notify(result, now_ms), QueryDone(outcome)]
+
+    # -- declines, deadline ------------------------------------------------------------
+    def on_decline(self, sender: str, decline: Decline, now_ms: int) -> list[Effect]:
+        if self.state is HQState.OFFERS:
+            self.offers.pop(sender, None)
+            return []
+        if sender not in self.committee:
+            raise UnexpectedMessage("decline from a peer outside the committee")
+        if self.state is HQState.ANSWERS:
+            if sender in self.ready or sender in self.declined:
+                raise UnexpectedMessage("decline after an answer")
+            self.declined.add(sender)
+            if len(self.committee) - len(self.declined) < self.threshold:
+                return self._fail(f"declined_{len(self.declined)}_of_{len(self.committee)}", now_ms)
+            if len(self.ready | self.declined) == len(self.committee):
+                return self._route(now_ms)
+            return []
+        if self.state is HQState.ROUTED and self.live and sender == self.live[0]:
+            return self._fail(f"root_{decline.reason}", now_ms)
+        return []
+
+    def on_deadline(self, now_ms: int) -> list[Effect]:
+        if self.finished:
+            return []
+        return self._fail(f"deadline_in_{self.state.value}", now_ms)
+
+    def _payment(self) -> tuple[EscrowTerms | None, tuple[str, ...]]:
+        if self.escrow is None or not self.escrow_open:
+            return None, ()
+        return self.escrow, tuple(self.eths[m] for m in sorted(self.summed))
+
+    def _notify(self, result: Result, now_ms: int) -> list[Effect]:
+        data = seal(self.identity, result, now_ms)
+        return [Send(m, data) for m in self.committee]
+
+    def _fail(self, reason: str, now_ms: int) -> list[Effect]:
+        self.state = HQState.FAILED
+        escrow, delivered = self._payment()
+        outcome = QueryOutcome(
+            query_id=self.query_id,
+            ok=False,
+            reason=reason,
+            total=None,
+            contributors=(),
+            committee_size=len(self.committee),
+            elapsed_ms=now_ms - self.started_ms,
+            escrow=escrow,
+            delivered=delivered,
+        )
+        result = Result(query_id=self.query_id, ok=False, reason=reason[:64])
+        return [*self._notify(result, now_ms), QueryDone(outcome)]
+
+
+# --------------------------------------------------------------------------- member
+
+
+class HRState(enum.Enum):
+    OFFERED = "offered"
+    VERIFYING = "verifying"
+    WAIT_CONTEXT = "wait_context"
+    EVALUATING = "evaluating"
+    CHARGING = "charging"
+    READY = "ready"
+    COLLECTING = "collecting"
+    COMBINING = "combining"
+    SENT = "sent"
+
+
+@dataclass(slots=True)
+class HEMemberSession:
+    querier: str
+    request: HERequest
+    state: HRState
+    price_wei: int
+    accept: HEAccept | None = None
+    escrow: EscrowTerms | None = None
+    own: tuple[bytes, ...] = ()
+    live: tuple[str, ...] = ()
+    children: tuple[str, ...] = ()
+    received: dict[str, HEPartial] = field(default_factory=dict)
+    early: dict[str, HEPartial] = field(default_factory=dict)  # came before our route
+    receipt: Receipt | None = None
+
+
+class HEResponder:
+    """Member side of the HE mode (one per peer; sessions per (querier, query id))."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        card: ModelCard,
+        config: HEConfig,
+        *,
+        price_wei: int,
+        capacity: int,
+        max_query_ms: int,
+        min_committee: int,
+        expected_latency_ms: int,
+        guard: PrivacyGuard | None,
+        payments: Payments | None,
+        metrics: Counter[str],
+    ) -> None:
+        self.identity = identity
+        self.card = card
+        self.config = config
+        self.price_wei = price_wei
+        self.capacity = capacity
+        self.max_query_ms = max_query_ms
+        self.min_committee = min_committee
+        self.expected_latency_ms = expected_latency_ms
+        self.guard = guard
+        self.payments = payments
+        self.metrics = metrics
+        self.sessions: dict[SessionKey, HEMemberSession] = {}
+        self.receipts: list[Receipt] = []
+        # Contexts the driver holds, per (querier, digest), least recently used first.
+        self.contexts: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.loading: set[tuple[str, str]] = set()
+        self._chunks: OrderedDict[tuple[str, str], tuple[int, dict[int, bytes]]] = OrderedDict()
+
+    @property
+    def me(self) -> str:
+        return self.identity.peer_id
+
+    def _send(self, peer: str, message: Message, now_ms: int) -> Send:
+        return Send(peer, seal(self.identity, message, now_ms))
+
+    @staticmethod
+    def expire_timer(key: SessionKey) -> tuple[str, str, bytes]:
+        return ("he-r-expire", key[0], key[1])
+
+    @staticmethod
+    def combine_timer(key: SessionKey) -> tuple[str, str, bytes]:
+        return ("he-r-combine", key[0], key[1])
+
+    def _decline(self, key: SessionKey, reason: str, now_ms: int) -> list[Effect]:
+        self.sessions.pop(key, None)
+        self.metrics[f"he.declined.{reason}"] += 1
+        return [self._send(key[0], Decline(query_id=key[1], reason=reason), now_ms)]
+
+    def has_context(self, querier: str, digest: str) -> bool:
+        return (querier, digest) in self.contexts
+
+    # -- request, offer ------------------------------------------------------------
+    def can_serve(self, request: HERequest, now_ms: int) -> str | None:
+        card = self.card
+        if not card.he:
+            return "he_unsupported"
+        if request.task != card.task or request.n_classes != card.n_classes:
+            return "task_mismatch"
+        if request.input_dim != card.input_dim:
+            return "shape_mismatch"
+        if request.rule not in card.rules:
+            return "rule_unsupported"
+        if request.max_price_wei < self.price_wei:
+            return "price_too_low"
+        if request.deadline_ms > now_ms + self.max_query_ms:
+            return "deadline_too_far"
+        if len(self.sessions) >= self.capacity:
+            return "busy"
+        return None
+
+    def on_request(self, sender: str, request: HERequest, now_ms: int) -> list[Effect]:
+        key = (sender, request.query_id)
+        if sender == self.me or key in self.sessions:
+            return []
+        if request.deadline_ms <= now_ms:
+            raise UnexpectedMessage("HE request already past its deadline")
+        if self.can_serve(request, now_ms) is not None:
+            return []
+        if self.guard is not None:
+            base = request.as_query_request()
+            required = self.guard.required_sigma(base)
+            refusal = (
+                "dp_policy_refused"
+                if required is None
+                else self.guard.check(sender, base, required, now_ms)
+            )
+            if refusal is not None:
+                return self._decline(key, refusal, now_ms)
+        self.sessions[key] = HEMemberSession(sender, request, HRState.OFFERED, self.price_wei)
+        offer = HEOffer(
+            query_id=request.query_id,
+            price_wei=self.price_wei,
+            expected_latency_ms=self.expected_latency_ms,
+            eth_address="" if self.payments is None else self.payments.eth_address,
+            has_context=self.has_context(sender, request.context_digest),
+        )
+        # Without the context the accept comes after ~53 MB of chunks: wait until the deadline.
+        ttl = 10_000 if offer.has_context else request.deadline_ms - now_ms
+        expiry = min(request.deadline_ms, now_ms + ttl)
+        return [self._send(sender, offer, now_ms), SetTimer(self.expire_timer(key), expiry)]
+
+    def _session(self, key: SessionKey, *states: HRState) -> HEMemberSession:
+        session = self.sessions.get(key)
+        if session is None:
+            raise UnexpectedMessage("no HE query of this querier is open here")
+        if states and session.state not in states:
+            raise UnexpectedMessage(f"HE message not expected in state {session.state.value}")
+        return session
+
+    # -- public context ----------------------------------------------------------------
+    def on_chunk(self, sender: str, chunk: HEContextChunk, now_ms: int) -> list[Effect]:
+        wanted = (sender, chunk.digest) in self._chunks or any(
+            q == sender and s.request.context_digest == chunk.digest
+            for (q, _), s in self.sessions.items()
+        )  # a transfer once started is finished even if its query ended meanwhile
+        if not wanted:
+            raise UnexpectedMessage("context chunk no open HE request of this querier names")
+        ckey = (sender, chunk.digest)
+        if ckey in self.contexts or ckey in self.loading:
+            return []  # a duplicate (resent for a second query meanwhile)
+        entry = self._chunks.get(ckey)
+        if entry is None:
+            while len(self._chunks) >= self.config.max_pending_contexts:
+                self._chunks.popitem(last=False)
+            entry = self._chunks[ckey] = (chunk.total, {})
+        total, parts = entry
+        if total != chunk.total:
+            del self._chunks[ckey]
+            raise UnexpectedMessage("context chunks disagree on their number")
+        if chunk.index in parts:
+            return []
+        parts[chunk.index] = chunk.payload
+        if len(parts) < total:
+            return []
+        del self._chunks[ckey]
+        data = b"".join(parts[i] for i in range(chunk.total))
+        if hashlib.sha256(data).hexdigest() != chunk.digest:
+            raise UnexpectedMessage("reassembled context does not match its digest")
+        self.loading.add(ckey)
+        return [HELoadContext(sender, chunk.digest, data)]
+
+    def on_context_loaded(self, querier: str, digest: str, ok: bool, now_ms: int) -> list[Effect]:
+        ckey = (querier, digest)
+        self.loading.discard(ckey)
+        waiting = [
+            k
+            for k, s in self.sessions.items()
+            if k[0] == querier
+            and s.state is HRState.WAIT_CONTEXT
+            and s.request.context_digest == digest
+        ]
+        if not ok:
+            self.metrics["he.context_rejected"] += 1
+            effects: list[Effect] = []
+            for k in waiting:
+                effects += self._decline(k, "bad_context", now_ms)
+            return effects
+        self.contexts[ckey] = None
+        self.contexts.move_to_end(ckey)
+        while len(self.contexts) > self.config.max_contexts:
+            self.contexts.popitem(last=False)
+        effects = []
+        for k in waiting:
+            effects += self._evaluate(k, self.sessions[k])
+        return effects
+
+    # -- accept, evaluation, charge ---------------------------------------------------
+    def on_accept(self, sender: str, accept: HEAccept, now_ms: int) -> list[Effect]:
+        key = (sender, accept.query_id)
+        session = self._session(key, HRState.OFFERED)
+        request = session.request
+        if self.me not in accept.members:
+            raise UnexpectedMessage("HE accept does not list this peer")
+        if accept.context_digest != request.context_digest:
+            raise UnexpectedMessage("HE accept names another context than the request")
+        if len(accept.blobs) != request.n_inputs:
+            raise UnexpectedMessage("HE accept carries the wrong number of ciphertexts")
+        if accept.price_wei < session.price_wei:
+            raise UnexpectedMessage("HE accept below the offered price")
+        n, t = len(accept.members), accept.threshold
+        refusal: str | None = None
+        if n < max(2, self.min_committee):
+            refusal = "committee_too_small"
+        elif 2 * t <= n or t < 2:
+            refusal = "threshold_not_majority"
+        else:
+            required = 0.0
+            if self.guard is not None:
+                req = self.guard.required_sigma(request.as_query_request())
+                required = math.inf if req is None else req
+            if accept.noise_sigma < required * (1 - SIGMA_RTOL):
+                refusal = "noise_too_low"
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
+        escrow, refusal = self._escrow_terms(session, accept)
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
+        session.price_wei = accept.price_wei
+        session.accept = accept
+        expire = SetTimer(self.expire_timer(key), request.deadline_ms + GRACE_MS)
+        if escrow is not None:
+            session.escrow = escrow
+            session.state = HRState.VERIFYING
+            return [VerifyEscrow(sender, escrow), expire]
+        return [*self._proceed(key, session), expire]
+
+    def _escrow_terms(
+        self, session: HEMemberSession, accept: HEAccept
+    ) -> tuple[EscrowTerms | None, str | None]:
+        if self.payments is None:
+            return None, None
+        if not accept.querier_eth:
+            return None, ("escrow_missing" if session.price_wei > 0 else None)
+        mine = accept.eth_addresses[accept.members.index(self.me)]
+        if mine.lower() != self.payments.eth_address.lower():
+            return None, "wrong_eth_address"
+        if accept.price_wei == 0:
+            return None, "escrow_price_zero"
+        if accept.escrow_deadline_s * 1000 < session.request.deadline_ms:
+            return None, "escrow_deadline_too_early"
+        try:
+            terms = EscrowTerms(
+                query_id=accept.query_id,
+                querier=accept.querier_eth,
+                committee=accept.eth_addresses,
+                price_wei=accept.price_wei,
+                deadline_s=accept.escrow_deadline_s,
+            )
+        except ValueError:
+            return None, "bad_escrow_terms"
+        return terms, None
+
+    def on_escrow_verified(self, key: SessionKey, ok: bool, now_ms: int) -> list[Effect]:
+        session = self.sessions.get(key)
+        if session is None or session.state is not HRState.VERIFYING:
+            return []
+        if not ok:
+            return self._decline(key, "escrow_not_found", now_ms)
+        return self._proceed(key, session)
+
+    def _proceed(self, key: SessionKey, session: HEMemberSession) -> list[Effect]:
+        digest = session.request.context_digest
+        if (key[0], digest) in self.contexts:
+            self.contexts.move_to_end((key[0], digest))
+            return self._evaluate(key, session)
+        session.state = HRState.WAIT_CONTEXT
+        return []
+
+    def _evaluate(self, key: SessionKey, session: HEMemberSession) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
+        session.state = HRState.EVALUATING
+        std = member_noise_std(accept.noise_sigma, accept.threshold) if accept.noise_sigma else 0.0
+        return [HEEvaluate(key[0], key[1], accept.context_digest, accept.blobs, std)]
+
+    def on_evaluated(
+        self, key: SessionKey, blobs: tuple[bytes, ...] | None, now_ms: int
+    ) -> list[Effect]:
+        session = self.sessions.get(key)
+        if session is None or session.state is not HRState.EVALUATING:
+            return []
+        if blobs is None:
+            return self._decline(key, "model_error", now_ms)
+        session.own = blobs
+        session.state = HRState.CHARGING
+        if self.guard is None:
+            return self.on_charged(key, None, now_ms)
+        accept = session.accept
+        assert accept is not None
+        return [Charge(key[0], session.request.as_query_request(), accept.noise_sigma)]
+
+    def on_charged(self, key: SessionKey, refusal: str | None, now_ms: int) -> list[Effect]:
+        session = self.sessions.get(key)
+        if session is None or session.state is not HRState.CHARGING:
+            return []
+        if refusal is not None:
+            return self._decline(key, refusal, now_ms)
+        session.state = HRState.READY
+        return [self._send(key[0], HEReady(query_id=key[1]), now_ms)]
+
+    # -- tree -----------------------------------------------------------------------
+    def on_route(self, sender: str, route: HERoute, now_ms: int) -> list[Effect]:
+        key = (sender, route.query_id)
+        session = self._session(key, HRState.READY)
+        accept = session.accept
+        assert accept is not None
+        order = aggregation_order(route.query_id, accept.members)
+        live = tuple(m for m in order if m in set(route.live))
+        if set(route.live) - set(accept.members) or self.me not in live:
+            raise UnexpectedMessage("HE route names non-members or leaves this peer out")
+        if len(live) < accept.threshold:
+            return self._decline(key, "route_below_threshold", now_ms)
+        if route.hop_ms > self.config.max_hop_ms:
+            return self._decline(key, "hop_too_long", now_ms)
+        session.live = live
+        session.children = tree_children(live, self.me, accept.fan_in)
+        session.state = HRState.COLLECTING
+        if not session.children:
+            return self._combine(key, session, now_ms)
+        early, session.early = session.early, {}
+        for child, partial in early.items():
+            try:
+                effects = self._take_partial(key, session, child, partial, now_ms)
+            except UnexpectedMessage:
+                self.metrics["he.rejected_early_partial"] += 1
+                continue
+            if effects:
+                return effects  # all children were in: combined
+        wait = tree_height(live, self.me, accept.fan_in) * route.hop_ms
+        return [SetTimer(self.combine_timer(key), now_ms + wait)]
+
+    def on_partial(self, sender: str, partial: HEPartial, now_ms: int) -> list[Effect]:
+        key = (partial.querier, partial.query_id)
+        session = self._session(key, HRState.READY, HRState.COLLECTING)
+        accept = session.accept
+        assert accept is not None
+        if session.state is HRState.READY:
+            # The child got its route first: keep it until ours arrives (checked then).
+            if sender not in accept.members or sender in session.early:
+                raise UnexpectedMessage("HE partial from a non-member, or a second one")
+            session.early[sender] = partial
+            return []
+        return self._take_partial(key, session, sender, partial, now_ms)
+
+    def _take_partial(
+        self,
+        key: SessionKey,
+        session: HEMemberSession,
+        sender: str,
+        partial: HEPartial,
+        now_ms: int,
+    ) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
+        if sender not in session.children or sender in session.received:
+            raise UnexpectedMessage("HE partial from a non-child, or a second one")
+        allowed = tree_subtree(session.live, sender, accept.fan_in)
+        if sender not in partial.members or not set(partial.members) <= allowed:
+            raise UnexpectedMessage("HE partial names members outside the child's subtree")
+        if len(partial.blobs) != session.request.n_inputs:
+            raise UnexpectedMessage("HE partial has the wrong number of ciphertexts")
+        session.received[sender] = partial
+        if set(session.received) == set(session.children):
+            return self._combine(key, session, now_ms)
+        return []
+
+    def on_combine_timer(self, key: SessionKey, now_ms: int) -> list[Effect]:
+        session = self.sessions.get(key)
+        if session is None or session.state is not HRState.COLLECTING:
+            return []
+        self.metrics["he.children_missing"] += len(session.children) - len(session.received)
+        return self._combine(key, session, now_ms)
+
+    def _members(self, session: HEMemberSession) -> tuple[str, ...]:
+        members = {self.me}
+        for p in session.received.values():
+            members |= set(p.members)
+        return tuple(sorted(members))
+
+    def _combine(self, key: SessionKey, session: HEMemberSession, now_ms: int) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
+        if (
+            tree_parent(session.live, self.me, accept.fan_in) is None
+            and len(self._members(session)) < accept.threshold
+        ):
+            return self._decline(key, "aggregate_below_threshold", now_ms)
+        if not session.received:
+            return self._forward(key, session, session.own, now_ms)
+        session.state = HRState.COMBINING
+        parts = (session.own, *(p.blobs for p in session.received.values()))
+        return [HECombine(key[0], key[1], accept.context_digest, parts)]
+
+    def on_combined(
+        self, key: SessionKey, blobs: tuple[bytes, ...] | None, now_ms: int
+    ) -> list[Effect]:
+        session = self.sessions.get(key)
+        if session is None or session.state is not HRState.COMBINING:
+            return []
+        if blobs is None:
+            return self._decline(key, "combine_failed", now_ms)
+        return self._forward(key, session, blobs, now_ms)
+
+    def _forward(
+        self, key: SessionKey, session: HEMemberSession, blobs: tuple[bytes, ...], now_ms: int
+    ) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
+        parent = tree_parent(session.live, self.me, accept.fan_in)
+        partial = HEPartial(
+            query_id=key[1], querier=key[0], members=self._members(session), blobs=blobs
+        )
+        session.state = HRState.SENT
+        session.own = ()
+        session.received = {}
+        self.metrics["he.partials_sent"] += 1
+        return [self._send(key[0] if parent is None else parent, partial, now_ms)]
+
+    # -- receipts, results -------------------------------------------------------------
+    def on_receipt(self, sender: str, receipt: Receipt, now_ms: int) -> list[Effect]:
+        session = self._session((sender, receipt.query_id), HRState.SENT)
+        if receipt.member != self.me or session.receipt is not None:
+            raise UnexpectedMessage("receipt not for this member, or a second one")
+        if receipt.price_wei != session.price_wei:
+            raise UnexpectedMessage("receipt is not for the agreed price")
+        escrow = session.escrow
+        if escrow is not None:
+            assert self.payments is not None
+            valid = len(receipt.payment_sig) > 0 and self.payments.verify_receipt(
+                receipt.query_id,
+                self.payments.eth_address,
+                receipt.price_wei,
+                receipt.payment_sig,
+                escrow.querier,
+            )
+            if not valid:
+                raise UnexpectedMessage("receipt without a valid payment signature")
+        session.receipt = receipt
+        self.receipts.append(receipt)
+        return [] if escrow is None else [Paid(sender, escrow, receipt)]
+
+    def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
+        key = (sender, result.query_id)
+        self._session(key)
+        del self.sessions[key]
+        return []
+
+    def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
+        self.sessions.pop(key, None)
+        return []
+
+
+# --------------------------------------------------------------------------- both roles
+
+
+class HEPeer:
+    """The HE mode of one PeerCore: its querier sessions and its member side."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        responder: HEResponder,
+        config: HEConfig,
+        *,
+        payments: Payments | None,
+        capable: Callable[[str], bool],
+    ) -> None:
+        self.identity = identity
+        self.responder = responder
+        self.config = config
+        self.payments = payments
+        self.capable = capable
+        self.queries: dict[bytes, HEQuerySession] = {}
+        self._chunks: tuple[HEContextChunk, ...] = ()
+        self._digest = ""
+        self._context_sent: dict[str, int] = {}
+
+    def set_context(self, data: bytes) -> str:
+        """The public context this peer's HE queries use (chunked once); its digest."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self._digest:
+            if not 0 < len(data) <= MAX_CONTEXT_BYTES:
+                raise LocalProtocolError(f"a public context is 1..{MAX_CONTEXT_BYTES} bytes")
+            total = -(-len(data) // HE_CHUNK_BYTES)
+            self._chunks = tuple(
+                HEContextChunk(
+                    digest=digest,
+                    index=i,
+                    total=total,
+                    payload=data[i * HE_CHUNK_BYTES : (i + 1) * HE_CHUNK_BYTES],
+                )
+                for i in range(total)
+            )
+            self._digest = digest
+            self._context_sent.clear()
+        return digest
+
+    def submit(
+        self,
+        request: HERequest,
+        blobs: tuple[bytes, ...],
+        now_ms: int,
+        *,
+        offer_window_ms: int,
+        min_committee: int,
+        noise_sigma: float,
+    ) -> HEQuerySession:
+        if request.context_digest != self._digest:
+            raise LocalProtocolError("set_context() the public context of this query first")
+        session = HEQuerySession(
+            self.identity,
+            request,
+            blobs,
+            self._chunks,
+            now_ms,
+            offer_window_ms=offer_window_ms,
+            min_committee=min_committee,
+            noise_sigma=noise_sigma,
+            config=self.config,
+            payments=self.payments,
+            capable=self.capable,
+            context_sent=self._context_sent,
+        )
+        self.queries[request.query_id] = session
+        return session
+
+    def query(self, query_id: bytes) -> HEQuerySession:
+        session = self.queries.get(query_id)
+        if session is None or session.finished:
+            raise UnexpectedMessage("no open HE query with this id")
+        return session
+
+    def reap(self, effects: list[Effect]) -> list[Effect]:
+        for effect in effects:
+            if isinstance(effect, QueryDone):
+                self.queries.pop(effect.outcome.query_id, None)
+        return effects
+
+    def on_timer(self, key: Hashable, now_ms: int) -> list[Effect] | None:
+        """Effects of an HE timer; None when ``key`` is not one."""
+        if not (isinstance(key, tuple) and key and isinstance(key[0], str)):
+            return None
+        kind = key[0]
+        if kind in ("he-r-expire", "he-r-combine") and len(key) == 3:
+            skey = (key[1], key[2])
+            if kind == "he-r-expire":
+                return self.responder.on_expire(skey, now_ms)
+            return self.responder.on_combine_timer(skey, now_ms)
+        if kind.startswith("he-q-") and len(key) == 2:
+            session = self.queries.get(key[1])
+            if session is None:
+                return []
+            if kind == "he-q-offers":
+                return self.reap(session.on_offers_timer(now_ms))
+            if kind == "he-q-ready":
+                return self.reap(session.on_ready_timer(now_ms))
+            if kind == "he-q-deadline":
+                return self.reap(session.on_deadline(now_ms))
+        return None

@@ -1,0 +1,87 @@
+"""``fi-peer query --input-private`` answered by ``fi-peer run`` daemons over libp2p.
+
+Three daemons (separate processes); the zoo's owner models plus their HE-ready
+models (``<model>.he.npz``, trained by fi_peer.models.he_models for the same
+partition). Peer 0 asks with its input encrypted under its own CKKS key; the
+two others evaluate on the ciphertext and sum among themselves; peer 0
+decrypts the aggregate only. The answer must be the label of the plaintext sum
+of the two members' HE models (the CKKS error is ~1e-4, far below the margins).
+The first query carries the key exchange (~53 MB of public context to each
+member); the second reuses the members' cached contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fi_peer.he_runtime import HE_RULE, he_model_path, load_he_model
+from fi_peer.models.aggregation import decide
+from fi_peer.models.he_models import ensure_he_models
+from tests.integration.conftest import ALPHA, EPOCHS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PEERS = 3
+
+
+def test_input_private_query_answered_by_libp2p_daemons(
+    tmp_path: Path, owner_models: list[Path], local_network: Any, samples: dict[str, Any]
+) -> None:
+    ensure_he_models(owner_models, ALPHA, 1, epochs=EPOCHS)
+    net = local_network.LocalNetwork(
+        tmp_path / "net", transport="libp2p", announce_interval_ms=500, offer_window_ms=1500
+    )
+    try:
+        net.prepare(owner_models[:PEERS])
+        net.start_all()
+        net.wait_ready(timeout=120)
+        net.wait_connected(timeout=60)
+        net.wait_converged(timeout=60)
+        querier = net.peers[0]
+        x = np.asarray(samples["inputs"][0], dtype=np.float64)
+        path = tmp_path / "x.json"
+        path.write_text(json.dumps(x.tolist()))
+        by_id = {p.peer_id: i for i, p in enumerate(net.peers)}
+        for _ in range(2):
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fi_peer.cli",
+                    "query",
+                    str(path),
+                    "--input-private",
+                    "--k",
+                    str(PEERS - 1),
+                    "--timeout",
+                    "100",
+                    "--json",
+                    "--config",
+                    str(querier.config),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=150,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            answer = json.loads(done.stdout)
+            assert answer["input_private"] is True
+            result = answer["results"][0]
+            assert result["ok"], result
+            members = [by_id[p] for p in result["contributors"]]
+            assert sorted(members) == [1, 2]
+            total = sum(
+                load_he_model(he_model_path(owner_models[i])).forward(x[None, :])[0]
+                for i in members
+            )
+            label, _ = decide(total, HE_RULE)
+            assert result["label"] == label
+    finally:
+        net.stop_all()

@@ -1,0 +1,112 @@
+"""Sample HE-mode messages (he_messages.py) for the codec and envelope tests."""
+
+from __future__ import annotations
+
+from fi_peer.protocol.he_messages import (
+    HEAccept,
+    HEContextChunk,
+    HEMessage,
+    HEOffer,
+    HEPartial,
+    HEReady,
+    HERequest,
+    HERoute,
+)
+
+A, B = "a" * 64, "b" * 64
+DIGEST = "d" * 64
+
+
+def he_samples(now_ms: int) -> list[HEMessage]:
+    return [
+        HERequest(
+            query_id=b"q" * 16,
+            task="toy",
+            n_classes=3,
+            input_dim=4,
+            rule="soft",
+            vector_len=3,
+            k=2,
+            max_price_wei=0,
+            deadline_ms=now_ms + 5000,
+            reply_key=b"r" * 32,
+            epsilon=0.0,
+            delta=0.0,
+            context_digest=DIGEST,
+            n_inputs=1,
+            layout="single",
+        ),
+        HEOffer(
+            query_id=b"q" * 16,
+            price_wei=1,
+            expected_latency_ms=5,
+            eth_address="",
+            has_context=False,
+        ),
+        HEContextChunk(digest=DIGEST, index=1, total=3, payload=b"p" * 100),
+        HEAccept(
+            query_id=b"q" * 16,
+            members=(A, B),
+            eth_addresses=("", ""),
+            threshold=2,
+            fan_in=4,
+            price_wei=1,
+            noise_sigma=0.5,
+            context_digest=DIGEST,
+            blobs=(b"c" * 200,),
+        ),
+        HEReady(query_id=b"q" * 16),
+        HERoute(query_id=b"q" * 16, live=(A, B), hop_ms=1500),
+        HEPartial(query_id=b"q" * 16, querier=A, members=(B,), blobs=(b"c" * 200,)),
+    ]
+
+
+def he_biggest() -> list[HEMessage]:
+    """Every field at its maximum: each must still fit its envelope cap."""
+    peers = tuple(f"{i:064x}" for i in range(64))
+    eth = "0x" + "f" * 40
+    return [
+        HERequest(
+            query_id=b"\xff" * 16,
+            task="t" * 64,
+            n_classes=1000,
+            input_dim=128,
+            rule="r" * 32,
+            vector_len=64,
+            k=64,
+            max_price_wei=(1 << 64) - 1,
+            deadline_ms=1 << 63,
+            reply_key=b"\xff" * 32,
+            epsilon=1e6,
+            delta=1.0,
+            context_digest="f" * 64,
+            n_inputs=1,
+            layout="single",
+        ),
+        HEOffer(
+            query_id=b"\xff" * 16,
+            price_wei=(1 << 64) - 1,
+            expected_latency_ms=3_600_000,
+            eth_address=eth,
+            has_context=True,
+        ),
+        HEContextChunk(digest="f" * 64, index=255, total=256, payload=b"\xff" * (448 * 1024)),
+        HEAccept(
+            query_id=b"\xff" * 16,
+            members=peers,
+            eth_addresses=(eth,) * 64,
+            threshold=64,
+            fan_in=64,
+            price_wei=(1 << 64) - 1,
+            noise_sigma=1e9,
+            context_digest="f" * 64,
+            blobs=(b"\xff" * (480 * 1024),),
+            querier_eth=eth,
+            escrow_deadline_s=1 << 62,
+        ),
+        HEReady(query_id=b"\xff" * 16),
+        HERoute(query_id=b"\xff" * 16, live=peers, hop_ms=60_000),
+        HEPartial(
+            query_id=b"\xff" * 16, querier="f" * 64, members=peers, blobs=(b"\xff" * (480 * 1024),)
+        ),
+    ]

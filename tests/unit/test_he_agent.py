@@ -1,0 +1,81 @@
+"""Input-private (HE) queries through real agents over the in-memory transport.
+
+The agent carries out the HE effects with fi_peer.he_runtime off its loop; the
+members share one loaded copy of the querier's public context (~53 MB, ~1 s to
+load) to keep the test short; the context still travels, chunked, to each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fi_peer.agent import Agent
+from fi_peer.he_runtime import HERuntime
+from fi_peer.identity import Identity
+from fi_peer.privacy import he
+from fi_peer.protocol.messages import ModelCard
+from fi_peer.protocol.peer import CoreConfig, PeerCore
+from fi_peer.protocol.querier import QuerierConfig
+from network.memory import MemoryHub
+from tests.unit.test_he_protocol import DIM, OUT, TOL, tiny_model
+
+
+class Plain:
+    """The querier's (plaintext) model: only its vector length matters here."""
+
+    def contribution(self, X: np.ndarray, rule: str) -> np.ndarray:
+        return np.zeros((len(X), OUT))
+
+    def vector_length(self, rule: str) -> int:
+        return OUT
+
+
+def card(serves: bool) -> ModelCard:
+    return ModelCard(
+        task="toy",
+        n_classes=OUT,
+        input_dim=DIM,
+        arch="toy",
+        model_hash=b"\x01" * 32,
+        rules=("soft",),
+        he=serves,
+    )
+
+
+async def test_input_private_query_through_agents_equals_plaintext() -> None:
+    hub = MemoryHub(seed=11)
+    config = CoreConfig(net="he", querier=QuerierConfig(offer_window_ms=2000, include_self=False))
+    shared = he.ContextCache(max_entries=2)
+    models = [tiny_model(10 + i) for i in range(2)]
+    agents: list[Agent] = []
+    for i, model in enumerate([None, *models]):
+        identity = Identity.from_seed(f"he-agent-{i}".encode())
+        core = PeerCore(identity, card(model is not None), config=config)
+        runtime = HERuntime(model)
+        if model is not None:
+            runtime.contexts = shared
+        agent = Agent(core, hub.transport(identity.peer_id), Plain(), he=runtime)
+        await agent.start()
+        agents.append(agent)
+    try:
+        for agent in agents:
+            agent.announce()
+        for agent in agents:
+            assert await agent.wait_for_peers(2, timeout_s=5)
+        querier = agents[0]
+        x = np.array([0.2, -0.4, 1.0, 0.5])
+        expected = sum(m.forward(x[None, :])[0] for m in models)
+        for _ in range(2):  # the first with the key exchange, the second without
+            outcome = await querier.query(
+                x, rule="soft", k=2, timeout_s=60, epsilon=0.0, input_private=True
+            )
+            assert outcome.ok, outcome.reason
+            assert outcome.total is not None
+            np.testing.assert_allclose(outcome.total, expected, atol=TOL)
+            assert len(outcome.contributors) == 2
+        member_core = agents[1].core
+        assert member_core.metrics["accepted.he_context_chunk"] >= 100  # once, not twice
+        assert member_core.metrics["accepted.he_context_chunk"] < 200
+    finally:
+        for agent in agents:
+            await agent.aclose()
