@@ -14,7 +14,6 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import nacl.utils
-import numpy as np
 import numpy.typing as npt
 
 from fi_peer.errors import LocalProtocolError
@@ -36,6 +35,7 @@ from fi_peer.protocol.he_messages import (
 from fi_peer.protocol.he_query import HEPeer, HEResponder
 from fi_peer.protocol.messages import QUERY_ID_LEN, Decline, ModelCard, Receipt, Result
 from fi_peer.protocol.payment import Payments
+from fi_peer.protocol.querier import check_noise, request_fields
 
 if TYPE_CHECKING:
     from fi_peer.protocol.membership import Membership
@@ -136,25 +136,22 @@ class HECoreMixin:
             raise LocalProtocolError("query id already in use")
         if not 1 <= len(blobs) <= HE_MAX_INPUTS:
             raise LocalProtocolError(f"an HE query carries 1..{HE_MAX_INPUTS} ciphertexts")
-        if not (np.isfinite(noise_sigma) and 0 <= noise_sigma <= 1e9):
-            raise LocalProtocolError("noise_sigma must be finite and >= 0")
-        if epsilon > 0 and noise_sigma == 0:
-            raise LocalProtocolError("a query with epsilon > 0 needs noise (noise_sigma > 0)")
+        check_noise(epsilon, noise_sigma)
         digest = self.he.set_context(context)
         try:
             request = HERequest(
-                query_id=query_id,
-                task=self.card.task,
-                n_classes=self.card.n_classes,
-                input_dim=self.card.input_dim,
-                rule=rule,
-                vector_len=vector_len,
-                k=k,
-                max_price_wei=max_price_wei,
-                deadline_ms=now_ms + timeout_ms,
-                reply_key=self.identity.box_public_key,
-                epsilon=float(epsilon),
-                delta=float(delta),
+                **request_fields(
+                    self.card,
+                    self.identity,
+                    query_id=query_id,
+                    rule=rule,
+                    vector_len=vector_len,
+                    k=k,
+                    max_price_wei=max_price_wei,
+                    deadline_ms=now_ms + timeout_ms,
+                    epsilon=float(epsilon),
+                    delta=float(delta),
+                ),
                 context_digest=digest,
                 n_inputs=len(blobs),
                 layout="single",

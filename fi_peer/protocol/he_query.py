@@ -63,9 +63,7 @@ from fi_peer.protocol.effects import (
     Charge,
     Effect,
     OpenEscrow,
-    Paid,
     QueryDone,
-    QueryOutcome,
     Send,
     SetTimer,
     VerifyEscrow,
@@ -92,6 +90,8 @@ from fi_peer.protocol.he_messages import (
 )
 from fi_peer.protocol.messages import Decline, Message, ModelCard, Receipt, Result
 from fi_peer.protocol.payment import EscrowTerms, Payments
+from fi_peer.protocol.querier import check_offer_address, escrow_for, query_done
+from fi_peer.protocol.responder import MemberSide
 
 MAX_CONTEXT_BYTES = HE_MAX_CHUNKS * HE_CHUNK_BYTES
 DEFAULT_FAN_IN = 4
@@ -255,11 +255,7 @@ class HEQuerySession:
         if offer.price_wei > self.request.max_price_wei:
             raise UnexpectedMessage("offer above the maximum price")
         if self.paid_mode:
-            if not offer.eth_address:
-                raise UnexpectedMessage("offer without an address for a paid query")
-            taken = {o.eth_address.lower() for o in self.offers.values()}
-            if offer.eth_address.lower() in taken:
-                raise UnexpectedMessage("offer with another member's address")
+            check_offer_address(offer.eth_address, (o.eth_address for o in self.offers.values()))
         if self.state is not HQState.OFFERS:
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
             return [self._send(sender, late, now_ms)]
@@ -283,14 +279,8 @@ class HEQuerySession:
         paid = self.paid_mode and self.price > 0
         self.eths = {p: (o.eth_address if paid else "") for p, o in chosen}
         if paid:
-            assert self.payments is not None
-            self.escrow = EscrowTerms(
-                query_id=self.query_id,
-                querier=self.payments.eth_address,
-                committee=tuple(self.eths[p] for p in self.committee),
-                price_wei=self.price,
-                deadline_s=self.payments.escrow_deadline_s(self.request.deadline_ms),
-            )
+            eths = tuple(self.eths[p] for p in self.committee)
+            self.escrow = escrow_for(self.payments, self.request, eths, self.price)
             self.state = HQState.ESCROW
             return [OpenEscrow(self.escrow)]
         return self._send_accepts(now_ms)
@@ -401,20 +391,17 @@ class HEQuerySession:
                 payment_sig=signature,
             )
             effects.append(self._send(member, receipt, now_ms))
-        escrow, delivered = self._payment()
-        outcome = QueryOutcome(
-            query_id=self.query_id,
-            ok=True,
-            reason="ok",
+        done = query_done(
+            self.query_id,
+            "ok",
             total=total,
             contributors=tuple(sorted(self.summed)),
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
-            escrow=escrow,
-            delivered=delivered,
+            payment=self._payment(),
         )
         result = Result(query_id=self.query_id, ok=True, contributors=tuple(sorted(self.summed)))
-        return [*effects, *self._notify(result, now_ms), QueryDone(outcome)]
+        return [*effects, *self._notify(result, now_ms), done]
 
     # -- declines, deadline ------------------------------------------------------------
     def on_decline(self, sender: str, decline: Decline, now_ms: int) -> list[Effect]:
@@ -452,20 +439,17 @@ class HEQuerySession:
 
     def _fail(self, reason: str, now_ms: int) -> list[Effect]:
         self.state = HQState.FAILED
-        escrow, delivered = self._payment()
-        outcome = QueryOutcome(
-            query_id=self.query_id,
-            ok=False,
-            reason=reason,
+        done = query_done(
+            self.query_id,
+            reason,
             total=None,
             contributors=(),
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
-            escrow=escrow,
-            delivered=delivered,
+            payment=self._payment(),
         )
         result = Result(query_id=self.query_id, ok=False, reason=reason[:64])
-        return [*self._notify(result, now_ms), QueryDone(outcome)]
+        return [*self._notify(result, now_ms), done]
 
 
 # --------------------------------------------------------------------------- member
@@ -499,7 +483,7 @@ class HEMemberSession:
     receipt: Receipt | None = None
 
 
-class HEResponder:
+class HEResponder(MemberSide):
     """Member side of the HE mode (one per peer; sessions per (querier, query id))."""
 
     def __init__(
@@ -563,19 +547,13 @@ class HEResponder:
         card = self.card
         if not card.he:
             return "he_unsupported"
-        if request.task != card.task or request.n_classes != card.n_classes:
-            return "task_mismatch"
-        if request.input_dim != card.input_dim:
-            return "shape_mismatch"
-        if request.rule not in card.rules:
-            return "rule_unsupported"
-        if request.max_price_wei < self.price_wei:
-            return "price_too_low"
-        if request.deadline_ms > now_ms + self.max_query_ms:
-            return "deadline_too_far"
-        if len(self.sessions) >= self.capacity:
-            return "busy"
-        return None
+        return self._serve_refusal(
+            request,
+            now_ms,
+            price_wei=self.price_wei,
+            max_query_ms=self.max_query_ms,
+            capacity=self.capacity,
+        )
 
     def on_request(self, sender: str, request: HERequest, now_ms: int) -> list[Effect]:
         key = (sender, request.query_id)
@@ -586,13 +564,8 @@ class HEResponder:
         if self.can_serve(request, now_ms) is not None:
             return []
         if self.guard is not None:
-            base = request.as_query_request()
-            required = self.guard.required_sigma(base)
-            refusal = (
-                "dp_policy_refused"
-                if required is None
-                else self.guard.check(sender, base, required, now_ms)
-            )
+            # as_query_request() is aggregated (secagg): the guard prices the full sigma
+            refusal = self._privacy_refusal(sender, request.as_query_request(), now_ms)
             if refusal is not None:
                 return self._decline(key, refusal, now_ms)
         self.sessions[key] = HEMemberSession(sender, request, HRState.OFFERED, self.price_wei)
@@ -701,7 +674,8 @@ class HEResponder:
                 refusal = "noise_too_low"
         if refusal is not None:
             return self._decline(key, refusal, now_ms)
-        escrow, refusal = self._escrow_terms(session, accept)
+        mine = accept.eth_addresses[accept.members.index(self.me)]
+        escrow, refusal = self._escrow_terms(session, accept, mine, accept.eth_addresses)
         if refusal is not None:
             return self._decline(key, refusal, now_ms)
         session.price_wei = accept.price_wei
@@ -712,32 +686,6 @@ class HEResponder:
             session.state = HRState.VERIFYING
             return [VerifyEscrow(sender, escrow), expire]
         return [*self._proceed(key, session), expire]
-
-    def _escrow_terms(
-        self, session: HEMemberSession, accept: HEAccept
-    ) -> tuple[EscrowTerms | None, str | None]:
-        if self.payments is None:
-            return None, None
-        if not accept.querier_eth:
-            return None, ("escrow_missing" if session.price_wei > 0 else None)
-        mine = accept.eth_addresses[accept.members.index(self.me)]
-        if mine.lower() != self.payments.eth_address.lower():
-            return None, "wrong_eth_address"
-        if accept.price_wei == 0:
-            return None, "escrow_price_zero"
-        if accept.escrow_deadline_s * 1000 < session.request.deadline_ms:
-            return None, "escrow_deadline_too_early"
-        try:
-            terms = EscrowTerms(
-                query_id=accept.query_id,
-                querier=accept.querier_eth,
-                committee=accept.eth_addresses,
-                price_wei=accept.price_wei,
-                deadline_s=accept.escrow_deadline_s,
-            )
-        except ValueError:
-            return None, "bad_escrow_terms"
-        return terms, None
 
     def on_escrow_verified(self, key: SessionKey, ok: bool, now_ms: int) -> list[Effect]:
         session = self.sessions.get(key)
@@ -910,33 +858,7 @@ class HEResponder:
         session = self._session((sender, receipt.query_id), HRState.SENT)
         if receipt.member != self.me or session.receipt is not None:
             raise UnexpectedMessage("receipt not for this member, or a second one")
-        if receipt.price_wei != session.price_wei:
-            raise UnexpectedMessage("receipt is not for the agreed price")
-        escrow = session.escrow
-        if escrow is not None:
-            assert self.payments is not None
-            valid = len(receipt.payment_sig) > 0 and self.payments.verify_receipt(
-                receipt.query_id,
-                self.payments.eth_address,
-                receipt.price_wei,
-                receipt.payment_sig,
-                escrow.querier,
-            )
-            if not valid:
-                raise UnexpectedMessage("receipt without a valid payment signature")
-        session.receipt = receipt
-        self.receipts.append(receipt)
-        return [] if escrow is None else [Paid(sender, escrow, receipt)]
-
-    def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
-        key = (sender, result.query_id)
-        self._session(key)
-        del self.sessions[key]
-        return []
-
-    def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
-        self.sessions.pop(key, None)
-        return []
+        return self._book_receipt(sender, receipt, session)
 
 
 # --------------------------------------------------------------------------- both roles

@@ -67,7 +67,12 @@ from fi_peer.protocol.messages import (
     Unmask,
 )
 from fi_peer.protocol.payment import Payments
-from fi_peer.protocol.querier import QuerierConfig, QuerySession
+from fi_peer.protocol.querier import (
+    QuerierConfig,
+    QuerySession,
+    check_noise,
+    request_fields,
+)
 from fi_peer.protocol.reputation import ReputationSelector
 from fi_peer.protocol.responder import Responder, ResponderConfig
 from fi_peer.protocol.topics import peers_topic, query_topic
@@ -337,26 +342,23 @@ class PeerCore(HECoreMixin):
         vec = np.asarray(x, dtype=np.float32).ravel()
         try:
             request = QueryRequest(
-                query_id=query_id,
-                task=self.card.task,
-                n_classes=self.card.n_classes,
-                input_dim=self.card.input_dim,
-                rule=rule,
-                vector_len=vector_len,
-                k=k,
-                max_price_wei=max_price_wei,
-                deadline_ms=now_ms + timeout_ms,
-                reply_key=self.identity.box_public_key,
-                epsilon=epsilon,
-                delta=delta,
+                **request_fields(
+                    self.card,
+                    self.identity,
+                    query_id=query_id,
+                    rule=rule,
+                    vector_len=vector_len,
+                    k=k,
+                    max_price_wei=max_price_wei,
+                    deadline_ms=now_ms + timeout_ms,
+                    epsilon=epsilon,
+                    delta=delta,
+                ),
                 secagg=self.config.querier.secure_aggregation if secagg is None else secagg,
             )
         except ValueError as exc:
             raise LocalProtocolError(f"invalid query: {exc}") from exc
-        if not (np.isfinite(noise_sigma) and 0 <= noise_sigma <= 1e9):
-            raise LocalProtocolError("noise_sigma must be finite and >= 0")
-        if epsilon > 0 and noise_sigma == 0:
-            raise LocalProtocolError("a query with epsilon > 0 needs noise (noise_sigma > 0)")
+        check_noise(epsilon, noise_sigma)
         if not np.all(np.isfinite(vec)):
             raise LocalProtocolError("query input has NaN or infinite values")
         if k < self.config.querier.min_committee:

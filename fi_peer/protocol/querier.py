@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +74,7 @@ from fi_peer.protocol.effects import (
     SetTimer,
 )
 from fi_peer.protocol.envelope import seal
+from fi_peer.protocol.he_messages import HERequest
 from fi_peer.protocol.messages import (
     Accept,
     Decline,
@@ -79,6 +82,7 @@ from fi_peer.protocol.messages import (
     KeyShares,
     Member,
     Message,
+    ModelCard,
     Offer,
     QueryRequest,
     Receipt,
@@ -90,6 +94,102 @@ from fi_peer.protocol.messages import (
 from fi_peer.protocol.payment import EscrowTerms, Payments
 from fi_peer.protocol.reputation import ReputationSelector
 from fi_peer.protocol.sealing import seal_input
+
+
+def check_offer_address(eth_address: str, taken: Iterable[str]) -> None:
+    """An offer for a paid query (default and HE mode) names the address its member
+    is paid to, and not one that another offer (``taken``) named."""
+    if not eth_address:
+        raise UnexpectedMessage("offer without an address for a paid query")
+    if eth_address.lower() in {e.lower() for e in taken}:
+        raise UnexpectedMessage("offer with another member's address")
+
+
+def escrow_for(
+    payments: Payments | None,
+    request: QueryRequest | HERequest,
+    committee_eths: tuple[str, ...],
+    price_wei: int,
+) -> EscrowTerms:
+    """The escrow a paid query's querier opens (default and HE mode) for its
+    committee's addresses at one ``price_wei`` per member."""
+    assert payments is not None
+    return EscrowTerms(
+        query_id=request.query_id,
+        querier=payments.eth_address,
+        committee=committee_eths,
+        price_wei=price_wei,
+        deadline_s=payments.escrow_deadline_s(request.deadline_ms),
+    )
+
+
+def check_noise(epsilon: float, noise_sigma: float) -> None:
+    """A query's noise as its querier states it (default and HE mode): finite,
+    >= 0, and > 0 when members spend privacy (``epsilon`` > 0)."""
+    if not (np.isfinite(noise_sigma) and 0 <= noise_sigma <= 1e9):
+        raise LocalProtocolError("noise_sigma must be finite and >= 0")
+    if epsilon > 0 and noise_sigma == 0:
+        raise LocalProtocolError("a query with epsilon > 0 needs noise (noise_sigma > 0)")
+
+
+def request_fields(
+    card: ModelCard,
+    identity: Identity,
+    *,
+    query_id: bytes,
+    rule: str,
+    vector_len: int,
+    k: int,
+    max_price_wei: int,
+    deadline_ms: int,
+    epsilon: float,
+    delta: float,
+) -> dict[str, Any]:
+    """The fields a gossiped request has in both modes (QueryRequest, HERequest):
+    the query's terms, this peer's model card and its reply key."""
+    return {
+        "query_id": query_id,
+        "task": card.task,
+        "n_classes": card.n_classes,
+        "input_dim": card.input_dim,
+        "rule": rule,
+        "vector_len": vector_len,
+        "k": k,
+        "max_price_wei": max_price_wei,
+        "deadline_ms": deadline_ms,
+        "reply_key": identity.box_public_key,
+        "epsilon": epsilon,
+        "delta": delta,
+    }
+
+
+def query_done(
+    query_id: bytes,
+    reason: str,
+    *,
+    total: npt.NDArray[np.float64] | None,
+    contributors: tuple[str, ...],
+    committee_size: int,
+    elapsed_ms: int,
+    payment: tuple[EscrowTerms | None, tuple[str, ...]],
+) -> QueryDone:
+    """How a querier session ends, in the default and the HE mode (he_query.py):
+    ok with the ``total``, or failed (``total`` None, no contributors) for ``reason``;
+    ``payment`` is the session's (escrow, delivered)."""
+    escrow, delivered = payment
+    return QueryDone(
+        QueryOutcome(
+            query_id=query_id,
+            ok=total is not None,
+            reason=reason,
+            total=total,
+            contributors=contributors,
+            committee_size=committee_size,
+            elapsed_ms=elapsed_ms,
+            escrow=escrow,
+            delivered=delivered,
+        )
+    )
 
 
 def _in_range(words: fixedpoint.Words, members: int) -> bool:
@@ -286,11 +386,7 @@ class QuerySession:
         ):
             raise UnexpectedMessage("offer with a key X25519 cannot use")
         if self.paid_mode:
-            if not offer.eth_address:
-                raise UnexpectedMessage("offer without an address for a paid query")
-            taken = {o.eth_address.lower() for o in self.offers.values()}
-            if offer.eth_address.lower() in taken:
-                raise UnexpectedMessage("offer with another member's address")
+            check_offer_address(offer.eth_address, (o.eth_address for o in self.offers.values()))
         if self.state is not QState.OFFERS:  # committee already chosen
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
             return [self._send(sender, late, now_ms)]
@@ -336,14 +432,8 @@ class QuerySession:
         # Paid: one price per share for the whole committee (the escrow's terms).
         self.prices = {p: price if paid else o.price_wei for p, o in chosen}
         if paid:
-            assert self.payments is not None
-            self.escrow = EscrowTerms(
-                query_id=self.query_id,
-                querier=self.payments.eth_address,
-                committee=tuple(m.eth_address for m in self.committee),
-                price_wei=price,
-                deadline_s=self.payments.escrow_deadline_s(self.request.deadline_ms),
-            )
+            eths = tuple(m.eth_address for m in self.committee)
+            self.escrow = escrow_for(self.payments, self.request, eths, price)
             self._goto(QEvent.ESCROW_PENDING)
             return [*passed, OpenEscrow(self.escrow)]
         return [*passed, *self._send_accepts(now_ms)]
@@ -652,7 +742,6 @@ class QuerySession:
         return self.escrow, delivered
 
     def _succeed(self, now_ms: int) -> list[Effect]:
-        escrow, delivered = self._payment()
         total = np.zeros(self.request.vector_len, dtype=np.uint64)
         if self.aggregator is not None:
             assert self.masked_total is not None and self.aggregator.survivors is not None
@@ -666,32 +755,27 @@ class QuerySession:
                 total = fixedpoint.add(total, words)
         if self.local is not None:
             total = fixedpoint.add(total, self.local)
-        outcome = QueryOutcome(
-            query_id=self.query_id,
-            ok=True,
-            reason="ok",
+        done = query_done(
+            self.query_id,
+            "ok",
             total=fixedpoint.decode(total),
             contributors=contributors,
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
-            escrow=escrow,
-            delivered=delivered,
+            payment=self._payment(),
         )
         result = Result(query_id=self.query_id, ok=True, contributors=contributors)
-        return [*self._notify(result, now_ms), QueryDone(outcome)]
+        return [*self._notify(result, now_ms), done]
 
     def _fail(self, reason: str, now_ms: int) -> list[Effect]:
-        escrow, delivered = self._payment()
-        outcome = QueryOutcome(
-            query_id=self.query_id,
-            ok=False,
-            reason=reason,
+        done = query_done(
+            self.query_id,
+            reason,
             total=None,
             contributors=(),
             committee_size=len(self.committee),
             elapsed_ms=now_ms - self.started_ms,
-            escrow=escrow,
-            delivered=delivered,
+            payment=self._payment(),
         )
         result = Result(query_id=self.query_id, ok=False, reason=reason)
-        return [*self._notify(result, now_ms), QueryDone(outcome)]
+        return [*self._notify(result, now_ms), done]

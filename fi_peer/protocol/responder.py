@@ -56,6 +56,7 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nacl.utils
 import numpy as np
@@ -181,7 +182,131 @@ class ResponderConfig:
     max_open_fraction: float = audit.DEFAULT_MAX_FRACTION
 
 
-class Responder:
+class MemberSide:
+    """What a member does the same in the default and the HE mode (Responder,
+    he_query.HEResponder): judge a request (card, terms, privacy policy), check the
+    escrow an Accept names, keep the querier's Receipt (paid: its payment
+    signature checked), end a session on its Result or the expiry timer."""
+
+    card: ModelCard
+    guard: PrivacyGuard | None
+    sessions: dict[SessionKey, Any]
+    receipts: list[Receipt]
+    payments: Payments | None
+    metrics: Counter[str]
+
+    def _session(self, key: SessionKey, *states: Any) -> Any:
+        raise NotImplementedError
+
+    def _serve_refusal(
+        self,
+        request: Any,
+        now_ms: int,
+        *,
+        price_wei: int,
+        max_query_ms: int,
+        capacity: int,
+        refuse_plaintext: bool = False,
+    ) -> str | None:
+        """Why this peer will not offer for ``request`` (a QueryRequest or HERequest)
+        by its model card and terms (None when it will)."""
+        card = self.card
+        if request.task != card.task or request.n_classes != card.n_classes:
+            return "task_mismatch"
+        if request.input_dim != card.input_dim:
+            return "shape_mismatch"
+        if request.rule not in card.rules:
+            return "rule_unsupported"
+        if refuse_plaintext:
+            return "plaintext_refused"
+        if request.max_price_wei < price_wei:
+            return "price_too_low"
+        if request.deadline_ms > now_ms + max_query_ms:
+            return "deadline_too_far"
+        if len(self.sessions) >= capacity:
+            return "busy"
+        return None
+
+    @staticmethod
+    def _effective_sigma(sigma: float, request: QueryRequest, threshold: int) -> float:
+        """Noise protecting our vector in what the querier sees (see guard.py)."""
+        return sigma if request.secagg else sigma / math.sqrt(threshold)
+
+    def _privacy_refusal(self, sender: str, request: QueryRequest, now_ms: int) -> str | None:
+        if self.guard is None:
+            return None
+        required = self.guard.required_sigma(request)
+        if required is None:
+            return "dp_policy_refused"
+        # Plaintext: t is not known yet; t <= k, so sigma/sqrt(k) bounds the cost from above.
+        sigma = self._effective_sigma(required, request, request.k)
+        return self.guard.check(sender, request, sigma, now_ms)
+
+    def _escrow_terms(
+        self, session: Any, accept: Any, my_eth: str, committee_eths: tuple[str, ...]
+    ) -> tuple[EscrowTerms | None, str | None]:
+        """The escrow to check before answering (None: unpaid), or why we decline;
+        ``accept`` is an Accept or HEAccept, ``my_eth`` the address it gives us."""
+        payments = self.payments
+        if payments is None:
+            return None, None  # we are not paid on chain: the flow is the unpaid one
+        if not accept.querier_eth:
+            return None, ("escrow_missing" if session.price_wei > 0 else None)
+        if my_eth.lower() != payments.eth_address.lower():
+            return None, "wrong_eth_address"
+        if accept.price_wei == 0:
+            return None, "escrow_price_zero"
+        if accept.escrow_deadline_s * 1000 < session.request.deadline_ms:
+            return None, "escrow_deadline_too_early"
+        try:
+            terms = EscrowTerms(
+                query_id=accept.query_id,
+                querier=accept.querier_eth,
+                committee=committee_eths,
+                price_wei=accept.price_wei,
+                deadline_s=accept.escrow_deadline_s,
+            )
+        except ValueError:
+            return None, "bad_escrow_terms"
+        return terms, None
+
+    def _book_receipt(
+        self, sender: str, receipt: Receipt, session: Any, bad_sig_metric: str | None = None
+    ) -> list[Effect]:
+        """Keep a receipt for ``session`` (already checked to be for this member):
+        at the agreed price and, paid, with the querier's valid payment signature."""
+        if receipt.price_wei != session.price_wei:
+            raise UnexpectedMessage("receipt is not for the agreed price")
+        escrow: EscrowTerms | None = session.escrow
+        if escrow is not None:
+            assert self.payments is not None
+            valid = len(receipt.payment_sig) > 0 and self.payments.verify_receipt(
+                receipt.query_id,
+                self.payments.eth_address,
+                receipt.price_wei,
+                receipt.payment_sig,
+                escrow.querier,
+            )
+            if not valid:
+                if bad_sig_metric is not None:
+                    self.metrics[bad_sig_metric] += 1
+                raise UnexpectedMessage("receipt without a valid payment signature")
+        session.receipt = receipt
+        self.receipts.append(receipt)
+        return [] if escrow is None else [Paid(sender, escrow, receipt)]
+
+    def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
+        key = (sender, result.query_id)
+        self._session(key)
+        del self.sessions[key]
+        return []
+
+    def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
+        self.sessions.pop(key, None)
+        return []
+
+
+class Responder(MemberSide):
     def __init__(
         self,
         identity: Identity,
@@ -230,36 +355,15 @@ class Responder:
 
     def can_serve(self, request: QueryRequest, now_ms: int) -> str | None:
         """Why this peer will not offer (None when it will)."""
-        card = self.card
-        if request.task != card.task or request.n_classes != card.n_classes:
-            return "task_mismatch"
-        if request.input_dim != card.input_dim:
-            return "shape_mismatch"
-        if request.rule not in card.rules:
-            return "rule_unsupported"
-        if not request.secagg and not self.config.allow_plaintext:
-            return "plaintext_refused"
-        if request.max_price_wei < self.config.price_wei:
-            return "price_too_low"
-        if request.deadline_ms > now_ms + self.config.max_query_ms:
-            return "deadline_too_far"
-        if len(self.sessions) >= self.config.capacity:
-            return "busy"
-        return None
-
-    def _effective_sigma(self, sigma: float, request: QueryRequest, threshold: int) -> float:
-        """Noise protecting our vector in what the querier sees (see guard.py)."""
-        return sigma if request.secagg else sigma / math.sqrt(threshold)
-
-    def _privacy_refusal(self, sender: str, request: QueryRequest, now_ms: int) -> str | None:
-        if self.guard is None:
-            return None
-        required = self.guard.required_sigma(request)
-        if required is None:
-            return "dp_policy_refused"
-        # Plaintext: t is not known yet; t <= k, so sigma/sqrt(k) bounds the cost from above.
-        sigma = self._effective_sigma(required, request, request.k)
-        return self.guard.check(sender, request, sigma, now_ms)
+        config = self.config
+        return self._serve_refusal(
+            request,
+            now_ms,
+            price_wei=config.price_wei,
+            max_query_ms=config.max_query_ms,
+            capacity=config.capacity,
+            refuse_plaintext=not request.secagg and not config.allow_plaintext,
+        )
 
     def on_request(self, sender: str, request: QueryRequest, now_ms: int) -> list[Effect]:
         key = (sender, request.query_id)
@@ -329,7 +433,8 @@ class Responder:
         refusal = self._accept_refusal(request, accept)
         if refusal is not None:
             return self._decline(key, refusal, now_ms)
-        escrow, refusal = self._escrow_terms(session, accept, me.eth_address)
+        committee_eths = tuple(m.eth_address for m in accept.committee)
+        escrow, refusal = self._escrow_terms(session, accept, me.eth_address, committee_eths)
         if refusal is not None:
             return self._decline(key, refusal, now_ms)
         session.price_wei = accept.price_wei
@@ -342,33 +447,6 @@ class Responder:
             return [VerifyEscrow(sender, escrow), expire]
         effects = self._proceed(key, session, x, now_ms)
         return [*effects, expire] if key in self.sessions else effects
-
-    def _escrow_terms(
-        self, session: MemberSession, accept: Accept, my_eth: str
-    ) -> tuple[EscrowTerms | None, str | None]:
-        """The escrow to check before answering (None: unpaid), or why we decline."""
-        payments = self.payments
-        if payments is None:
-            return None, None  # we are not paid on chain: the flow is the unpaid one
-        if not accept.querier_eth:
-            return None, ("escrow_missing" if session.price_wei > 0 else None)
-        if my_eth.lower() != payments.eth_address.lower():
-            return None, "wrong_eth_address"
-        if accept.price_wei == 0:
-            return None, "escrow_price_zero"
-        if accept.escrow_deadline_s * 1000 < session.request.deadline_ms:
-            return None, "escrow_deadline_too_early"
-        try:
-            terms = EscrowTerms(
-                query_id=accept.query_id,
-                querier=accept.querier_eth,
-                committee=tuple(m.eth_address for m in accept.committee),
-                price_wei=accept.price_wei,
-                deadline_s=accept.escrow_deadline_s,
-            )
-        except ValueError:
-            return None, "bad_escrow_terms"
-        return terms, None
 
     def on_escrow_verified(self, key: SessionKey, ok: bool, now_ms: int) -> list[Effect]:
         """The driver's answer to VerifyEscrow."""
@@ -615,32 +693,4 @@ class Responder:
             raise UnexpectedMessage("receipt not for this member, or a second one")
         if receipt.share_digest != session.share_digest:
             raise UnexpectedMessage("receipt is for another share than the one we sent")
-        if receipt.price_wei != session.price_wei:
-            raise UnexpectedMessage("receipt is not for the agreed price")
-        escrow = session.escrow
-        if escrow is not None:
-            assert self.payments is not None
-            valid = len(receipt.payment_sig) > 0 and self.payments.verify_receipt(
-                receipt.query_id,
-                self.payments.eth_address,
-                receipt.price_wei,
-                receipt.payment_sig,
-                escrow.querier,
-            )
-            if not valid:
-                self.metrics["responder.bad_payment_sig"] += 1
-                raise UnexpectedMessage("receipt without a valid payment signature")
-        session.receipt = receipt
-        self.receipts.append(receipt)
-        return [] if escrow is None else [Paid(sender, escrow, receipt)]
-
-    def on_result(self, sender: str, result: Result, now_ms: int) -> list[Effect]:
-        key = (sender, result.query_id)
-        self._session(key)
-        del self.sessions[key]
-        return []
-
-    def on_expire(self, key: SessionKey, now_ms: int) -> list[Effect]:
-        self.sessions.pop(key, None)
-        return []
-
+        return self._book_receipt(sender, receipt, session, "responder.bad_payment_sig")
