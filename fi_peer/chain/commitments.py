@@ -17,20 +17,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_abi import encode as abi_encode
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils import keccak
 
-from fi_peer.chain.errors import InvalidReceipt
+from fi_peer.chain.eip712 import (
+    domain_data,
+    domain_separator,
+    recover_typed_signer,
+    sign_typed,
+    typed_digest,
+)
 from fi_peer.chain.terms import QUERY_ID_LEN, checksum
 
 DOMAIN_NAME = "fi-peer PeerRegistry"
 DOMAIN_VERSION = "1"
-SIGNATURE_LEN = 65
 COMMITMENT_LEN = 32
-_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 COMMITMENT_TYPES: dict[str, list[dict[str, str]]] = {
     "ShareCommitment": [
@@ -40,9 +42,6 @@ COMMITMENT_TYPES: dict[str, list[dict[str, str]]] = {
     ]
 }
 _TYPEHASH = keccak(text="ShareCommitment(address querier,bytes16 queryId,bytes32 commitment)")
-_DOMAIN_TYPEHASH = keccak(
-    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,12 +52,11 @@ class RegistryDomain:
     registry: ChecksumAddress
 
     def as_eip712(self) -> dict[str, Any]:
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": self.registry,
-        }
+        return domain_data(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, self.registry)
+
+    def separator(self) -> bytes:
+        """The EIP-712 domain separator (the registry's ``domainSeparator()``)."""
+        return domain_separator(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, self.registry)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,56 +82,30 @@ class CommitmentStatement:
 
 def commitment_digest(domain: RegistryDomain, statement: CommitmentStatement) -> bytes:
     """The 32-byte EIP-712 digest (the registry's ``commitmentDigest``)."""
-    separator = keccak(
-        abi_encode(
-            ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-            [
-                _DOMAIN_TYPEHASH,
-                keccak(text=DOMAIN_NAME),
-                keccak(text=DOMAIN_VERSION),
-                domain.chain_id,
-                domain.registry,
-            ],
-        )
-    )
     struct_hash = keccak(
         abi_encode(
             ["bytes32", "address", "bytes16", "bytes32"],
             [_TYPEHASH, statement.querier, statement.query_id, statement.commitment],
         )
     )
-    return keccak(b"\x19\x01" + separator + struct_hash)
+    return typed_digest(domain.separator(), struct_hash)
 
 
 def sign_commitment(
     signer: LocalAccount | bytes, domain: RegistryDomain, statement: CommitmentStatement
 ) -> bytes:
     """The member's 65-byte signature (r | s | v, low s) over ``statement``."""
-    key = signer.key if isinstance(signer, LocalAccount) else signer
-    signed = Account.sign_typed_data(
-        key,
-        domain_data=domain.as_eip712(),
-        message_types=COMMITMENT_TYPES,
-        message_data=statement.as_eip712(),
-    )
-    return bytes(signed.signature)
+    return sign_typed(signer, domain.as_eip712(), COMMITMENT_TYPES, statement.as_eip712())
 
 
 def recover_commitment_signer(
     domain: RegistryDomain, statement: CommitmentStatement, signature: bytes
 ) -> ChecksumAddress:
     """The account that signed ``statement``; :class:`InvalidReceipt` if malformed."""
-    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_LEN:
-        raise InvalidReceipt(f"a commitment signature is {SIGNATURE_LEN} bytes")
-    s, v = int.from_bytes(signature[32:64], "big"), signature[64]
-    if s > _HALF_ORDER or v not in (27, 28):
-        raise InvalidReceipt("non-canonical signature (high s or bad v)")
-    message = encode_typed_data(
-        domain_data=domain.as_eip712(),
-        message_types=COMMITMENT_TYPES,
-        message_data=statement.as_eip712(),
+    return recover_typed_signer(
+        domain.as_eip712(),
+        COMMITMENT_TYPES,
+        statement.as_eip712(),
+        signature,
+        "a commitment signature",
     )
-    try:
-        return checksum(Account.recover_message(message, signature=signature))
-    except Exception as exc:  # eth-keys raises several types for bad points
-        raise InvalidReceipt(f"signature does not recover: {exc}") from exc

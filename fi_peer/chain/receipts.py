@@ -15,19 +15,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_abi import encode as abi_encode
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils import keccak
 
+from fi_peer.chain.eip712 import (
+    domain_data,
+    domain_separator,
+    recover_typed_signer,
+    sign_typed,
+    typed_digest,
+)
 from fi_peer.chain.errors import InvalidReceipt
 from fi_peer.chain.terms import QUERY_ID_LEN, checksum
 
 DOMAIN_NAME = "fi-peer QueryEscrow"
 DOMAIN_VERSION = "1"
-SIGNATURE_LEN = 65
-_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 RECEIPT_TYPES: dict[str, list[dict[str, str]]] = {
     "Receipt": [
@@ -37,9 +40,6 @@ RECEIPT_TYPES: dict[str, list[dict[str, str]]] = {
     ]
 }
 _RECEIPT_TYPEHASH = keccak(text="Receipt(bytes16 queryId,address member,uint256 amount)")
-_DOMAIN_TYPEHASH = keccak(
-    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,27 +50,11 @@ class ReceiptDomain:
     escrow: ChecksumAddress
 
     def as_eip712(self) -> dict[str, Any]:
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": self.escrow,
-        }
+        return domain_data(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, self.escrow)
 
     def separator(self) -> bytes:
         """The EIP-712 domain separator (the contract's ``domainSeparator()``)."""
-        return keccak(
-            abi_encode(
-                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                [
-                    _DOMAIN_TYPEHASH,
-                    keccak(text=DOMAIN_NAME),
-                    keccak(text=DOMAIN_VERSION),
-                    self.chain_id,
-                    self.escrow,
-                ],
-            )
-        )
+        return domain_separator(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, self.escrow)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,41 +85,23 @@ def receipt_digest(domain: ReceiptDomain, receipt: PaymentReceipt) -> bytes:
             [_RECEIPT_TYPEHASH, receipt.query_id, receipt.member, receipt.amount_wei],
         )
     )
-    return keccak(b"\x19\x01" + domain.separator() + struct_hash)
+    return typed_digest(domain.separator(), struct_hash)
 
 
 def sign_receipt(
     signer: LocalAccount | bytes, domain: ReceiptDomain, receipt: PaymentReceipt
 ) -> bytes:
     """The querier's 65-byte signature (r | s | v) over ``receipt``."""
-    key = signer.key if isinstance(signer, LocalAccount) else signer
-    signed = Account.sign_typed_data(
-        key,
-        domain_data=domain.as_eip712(),
-        message_types=RECEIPT_TYPES,
-        message_data=receipt.as_eip712(),
-    )
-    return bytes(signed.signature)
+    return sign_typed(signer, domain.as_eip712(), RECEIPT_TYPES, receipt.as_eip712())
 
 
 def recover_receipt_signer(
     domain: ReceiptDomain, receipt: PaymentReceipt, signature: bytes
 ) -> ChecksumAddress:
     """The account that signed ``receipt``; :class:`InvalidReceipt` if malformed."""
-    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_LEN:
-        raise InvalidReceipt(f"a receipt signature is {SIGNATURE_LEN} bytes")
-    s, v = int.from_bytes(signature[32:64], "big"), signature[64]
-    if s > _HALF_ORDER or v not in (27, 28):
-        raise InvalidReceipt("non-canonical signature (high s or bad v)")
-    message = encode_typed_data(
-        domain_data=domain.as_eip712(),
-        message_types=RECEIPT_TYPES,
-        message_data=receipt.as_eip712(),
+    return recover_typed_signer(
+        domain.as_eip712(), RECEIPT_TYPES, receipt.as_eip712(), signature, "a receipt signature"
     )
-    try:
-        return checksum(Account.recover_message(message, signature=signature))
-    except Exception as exc:  # eth-keys raises several types for bad points
-        raise InvalidReceipt(f"signature does not recover: {exc}") from exc
 
 
 def verify_receipt(
