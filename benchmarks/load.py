@@ -235,7 +235,6 @@ class _PaidNetwork:
         from fi_peer import localnet
         from fi_peer.chain.anvil import AnvilConfig, AnvilProcess, dev_accounts
         from fi_peer.chain.client import deploy_contracts
-        from fi_peer.config import ChainConfig, load_config, write_config
 
         s = self.s
         t = time.monotonic()
@@ -265,34 +264,17 @@ class _PaidNetwork:
         self.timings["chain_s"] = round(time.monotonic() - t, 2)
         rpc_url = self.anvil.rpc_url
 
-        class PaidNetwork(localnet.LocalNetwork):
-            def write_config(self, peer: Any) -> None:
-                super().write_config(peer)
-                key_file = peer.state_dir / "eth.key"
-                key_file.write_text(accounts[1 + peer.index].key.hex())
-                os.chmod(key_file, 0o600)
-                chain = ChainConfig(
-                    rpc_url=rpc_url,
-                    deployment=deployment_file,
-                    eth_key_file=key_file,
-                    settle_every_queries=s.settle_every_queries,
-                    settle_every_s=3.0,
-                    claim_every_s=1.0,
-                    settle_window_s=3600,
-                    auto_withdraw=True,
-                )
-                config = load_config(peer.config)
-                write_config(
-                    peer.config,
-                    dataclasses.replace(
-                        config, chain=chain, price_wei=s.price_wei, max_price_wei=s.price_wei
-                    ),
-                )
-
         t = time.monotonic()
         say(f"starting {s.peers} daemons over libp2p in {self.folder}")
-        self.net = PaidNetwork(
+        self.net = localnet.PaidLocalNetwork(
             self.folder / "net",
+            chain=localnet.PeerChain(
+                rpc_url=rpc_url,
+                deployment=deployment_file,
+                accounts=accounts[1:],
+                price_wei=s.price_wei,
+                settle_every_queries=s.settle_every_queries,
+            ),
             transport="libp2p",
             announce_interval_ms=1000,
             offer_window_ms=s.offer_window_ms,

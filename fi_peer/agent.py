@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Hashable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import msgpack
 import numpy as np
@@ -105,6 +105,20 @@ class ModelBackend(Protocol):
         ...
 
     def vector_length(self, rule: str) -> int: ...
+
+
+class _QueryTerms(TypedDict):
+    """What a plain and an input-private (HE) query are both submitted with."""
+
+    rule: str
+    vector_len: int
+    k: int
+    max_price_wei: int
+    timeout_ms: int
+    now_ms: int
+    epsilon: float
+    delta: float
+    noise_sigma: float
 
 
 class ChainAdapter(Protocol):
@@ -364,17 +378,14 @@ class Agent:
             raise LocalProtocolError("agent is not running")
         if self.model is None:
             raise LocalProtocolError("a querier needs a model to know the vector length")
+        model = self.model
         noise_sigma = await self.noise_sigma(rule, epsilon, delta)
         timeout_ms = int(timeout_s * 1000)
-        if input_private:  # the input encrypted under our CKKS key (fi_peer.he_runtime)
-            query_id, effects = await self._submit_he(
-                x, rule, k, max_price_wei, timeout_ms, epsilon, delta, noise_sigma
-            )
-        else:
-            query_id, effects = self.core.submit_query(
-                x,
+
+        def terms() -> _QueryTerms:  # called as the query leaves (after any encryption)
+            return _QueryTerms(
                 rule=rule,
-                vector_len=self.model.vector_length(rule),
+                vector_len=model.vector_length(rule),
                 k=k,
                 max_price_wei=max_price_wei,
                 timeout_ms=timeout_ms,
@@ -382,8 +393,12 @@ class Agent:
                 epsilon=epsilon,
                 delta=delta if epsilon > 0 else 0.0,
                 noise_sigma=noise_sigma,
-                secagg=secagg,
             )
+
+        if input_private:  # the input encrypted under our CKKS key (fi_peer.he_runtime)
+            query_id, effects = await self._submit_he(x, terms)
+        else:
+            query_id, effects = self.core.submit_query(x, secagg=secagg, **terms())
         future: asyncio.Future[QueryOutcome] = asyncio.get_running_loop().create_future()
         self._pending[query_id] = future
         self._apply(effects)
@@ -462,32 +477,12 @@ class Agent:
 
     # -- HE (input-private) mode ----------------------------------------------------------
     async def _submit_he(
-        self,
-        x: npt.ArrayLike,
-        rule: str,
-        k: int,
-        max_price_wei: int,
-        timeout_ms: int,
-        epsilon: float,
-        delta: float,
-        noise_sigma: float,
+        self, x: npt.ArrayLike, terms: Callable[[], _QueryTerms]
     ) -> tuple[bytes, list[Effect]]:
         if self.he is None or self.model is None:
             raise LocalProtocolError("this peer has no HE runtime: it cannot encrypt inputs")
         blobs, context = await asyncio.to_thread(self.he.encrypt, x)
-        return self.core.submit_he_query(
-            blobs,
-            context,
-            rule=rule,
-            vector_len=self.model.vector_length(rule),
-            k=k,
-            max_price_wei=max_price_wei,
-            timeout_ms=timeout_ms,
-            now_ms=self.now_ms(),
-            epsilon=epsilon,
-            delta=delta if epsilon > 0 else 0.0,
-            noise_sigma=noise_sigma,
-        )
+        return self.core.submit_he_query(blobs, context, **terms())
 
     async def _send_chunks(self, effect: HESendChunks) -> None:
         """A member's copy of our public context, each chunk sealed as it leaves."""

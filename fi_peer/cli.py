@@ -1264,6 +1264,7 @@ def metrics(config: ConfigOption = None, state_dir: StateDirOption = None) -> No
 
 # -- the chain: deploy the contracts, fund and inspect accounts -------------------------------
 
+RpcOption = Annotated[str, typer.Option(help="The chain's JSON-RPC URL.")]
 KeyFileOption = Annotated[
     Path | None,
     typer.Option(help="Hex private key file, mode 0600 (default: $FI_PEER_ETH_KEY)."),
@@ -1306,7 +1307,7 @@ def _chain_call(rpc: str, key_file: Path | None, work: Callable[[Any, Any], Any]
     )
 )
 def deploy(
-    rpc: Annotated[str, typer.Option(help="The chain's JSON-RPC URL.")],
+    rpc: RpcOption,
     key_file: KeyFileOption = None,
     out_file: Annotated[
         Path, typer.Option("--out", help="Where to write the deployment (JSON).")
@@ -1352,7 +1353,7 @@ def deploy(
     )
 )
 def fund(
-    rpc: Annotated[str, typer.Option(help="The chain's JSON-RPC URL.")],
+    rpc: RpcOption,
     to: Annotated[str, typer.Option(help="The account to fund (0x address).")],
     amount: Annotated[str, typer.Option(help="Wei, or with a unit: '5 gwei', '0.05 eth'.")],
     key_file: KeyFileOption = None,
@@ -1387,7 +1388,7 @@ def fund(
     )
 )
 def account(
-    rpc: Annotated[str, typer.Option(help="The chain's JSON-RPC URL.")],
+    rpc: RpcOption,
     key_file: KeyFileOption = None,
     deployment: Annotated[
         Path | None, typer.Option(help="deployment.json: also show the escrow credit.")

@@ -27,6 +27,7 @@ The :class:`LocalNetwork` class is what the integration tests drive.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -36,15 +37,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fi_peer.config import PeerConfig, write_config
+from fi_peer.config import ChainConfig, PeerConfig, load_config, write_config
 from fi_peer.control import ControlClient, ControlError, read_control_file
 from fi_peer.errors import FiPeerError
 from fi_peer.identity import Identity, load_keystore, save_keystore
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 # Working directory of the processes it starts (the checkout, or site-packages' parent).
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,6 +411,51 @@ class LocalNetwork:
             ],
         }
         (self.folder / "network.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerChain:
+    """The ``[chain]`` table every peer of a :class:`PaidLocalNetwork` gets."""
+
+    rpc_url: str
+    deployment: Path  # the deployment.json of the escrow and registry
+    accounts: Sequence[LocalAccount]  # peer i pays and is paid with accounts[i]
+    price_wei: int  # its price and its max price
+    settle_every_queries: int
+    settle_every_s: float = 3.0
+
+
+class PaidLocalNetwork(LocalNetwork):
+    """A :class:`LocalNetwork` whose peers settle on chain: each writes its dev
+    account's key to ``eth.key`` and has a ``[chain]`` table (auto-withdraw on)."""
+
+    def __init__(self, folder: Path, *, chain: PeerChain, **kwargs: Any) -> None:
+        super().__init__(folder, **kwargs)
+        self.chain = chain
+
+    def write_config(self, peer: Peer) -> None:
+        super().write_config(peer)
+        c = self.chain
+        key_file = peer.state_dir / "eth.key"
+        key_file.write_text(c.accounts[peer.index].key.hex())
+        os.chmod(key_file, 0o600)
+        chain = ChainConfig(
+            rpc_url=c.rpc_url,
+            deployment=c.deployment,
+            eth_key_file=key_file,
+            settle_every_queries=c.settle_every_queries,
+            settle_every_s=c.settle_every_s,
+            claim_every_s=1.0,
+            settle_window_s=3600,
+            auto_withdraw=True,
+        )
+        config = load_config(peer.config)
+        write_config(
+            peer.config,
+            dataclasses.replace(
+                config, chain=chain, price_wei=c.price_wei, max_price_wei=c.price_wei
+            ),
+        )
 
 
 def _alive(pid: int) -> bool:

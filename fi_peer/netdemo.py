@@ -148,7 +148,6 @@ class NetDemo:
         t = time.monotonic()  # the imports count as setup time
         from fi_peer.chain.anvil import AnvilConfig, AnvilProcess, dev_accounts
         from fi_peer.chain.client import deploy_contracts
-        from fi_peer.config import ChainConfig, load_config, write_config
 
         s = self.s
         if s.peers + 1 > 20:
@@ -190,34 +189,17 @@ class NetDemo:
         self.on_progress("chain", 1, 1, f"escrow {self.deployment.escrow[:10]}")
         self._timed("chain_s", t)
 
-        class PaidNetwork(ln.LocalNetwork):  # type: ignore[name-defined]
-            def write_config(self, peer: Any) -> None:
-                super().write_config(peer)
-                key_file = peer.state_dir / "eth.key"
-                key_file.write_text(accounts[1 + peer.index].key.hex())
-                os.chmod(key_file, 0o600)
-                chain = ChainConfig(
-                    rpc_url=rpc_url,
-                    deployment=deployment_file,
-                    eth_key_file=key_file,
-                    settle_every_queries=s.batch,
-                    settle_every_s=3.0,
-                    claim_every_s=1.0,
-                    settle_window_s=3600,
-                    auto_withdraw=True,
-                )
-                config = load_config(peer.config)
-                write_config(
-                    peer.config,
-                    dataclasses.replace(
-                        config, chain=chain, price_wei=s.price_wei, max_price_wei=s.price_wei
-                    ),
-                )
-
         self.address_of: dict[str, str] = {}
         t = time.monotonic()
-        self.net = PaidNetwork(
+        self.net = ln.PaidLocalNetwork(
             self.folder / "net",
+            chain=ln.PeerChain(
+                rpc_url=rpc_url,
+                deployment=deployment_file,
+                accounts=accounts[1:],
+                price_wei=s.price_wei,
+                settle_every_queries=s.batch,
+            ),
             transport=s.transport,
             # a peer expires after 6 missed announcements: 6 s, not a starved second
             announce_interval_ms=1000,

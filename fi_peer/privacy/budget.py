@@ -47,6 +47,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -166,6 +167,16 @@ def _check_query_id(query_id: bytes) -> bytes:
     return query_id
 
 
+class _Charge(NamedTuple):
+    """One checked charge, as :meth:`BudgetLedger.charge_many` writes it."""
+
+    querier: str
+    query_id: bytes
+    rdp: tuple[float, ...]
+    epoch: int
+    now_s: float
+
+
 def _create_private(path: Path) -> None:
     """Create ``path`` (if missing) with mode 0600 and tighten an existing one."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -276,11 +287,11 @@ class BudgetLedger:
         the answers afterwards never sends one whose charge a crash could
         forget. A sqlite failure raises LedgerError and charges none of them.
         """
-        parsed: list[tuple[str, bytes, tuple[float, ...], int, float] | ValueError] = []
+        parsed: list[_Charge | ValueError] = []
         for querier, query_id, cost, now_s in items:
             try:
                 parsed.append(
-                    (
+                    _Charge(
                         _check_querier(querier),
                         _check_query_id(query_id),
                         check_rdp(cost),
@@ -296,7 +307,7 @@ class BudgetLedger:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for item in parsed:
-                        out.append(item if isinstance(item, ValueError) else self._one(conn, *item))
+                        out.append(item if isinstance(item, ValueError) else self._one(conn, item))
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -306,16 +317,9 @@ class BudgetLedger:
                 raise LedgerError(f"budget ledger {self._path}: charge failed: {exc}") from exc
         return out
 
-    def _one(
-        self,
-        conn: sqlite3.Connection,
-        querier: str,
-        query_id: bytes,
-        rdp: tuple[float, ...],
-        epoch: int,
-        now_s: float,
-    ) -> bool | BudgetExceeded:
+    def _one(self, conn: sqlite3.Connection, charge: _Charge) -> bool | BudgetExceeded:
         """One charge inside the caller's transaction (nothing written unless True)."""
+        querier, query_id, rdp, epoch, _ = charge
         seen = conn.execute(
             "SELECT 1 FROM charges WHERE querier = ? AND query_id = ?", (querier, query_id)
         ).fetchone()
@@ -329,7 +333,7 @@ class BudgetLedger:
                 f"the {'per-querier' if reason == QUERIER_EXHAUSTED else 'global'}"
                 " privacy budget",
             )
-        self._write_charge(conn, querier, query_id, rdp, epoch, now_s)
+        self._write_charge(conn, charge)
         return True
 
     def charged(self, querier: str, query_id: bytes) -> bool:
@@ -403,16 +407,9 @@ class BudgetLedger:
                 return GLOBAL_EXHAUSTED
         return None
 
-    def _write_charge(
-        self,
-        conn: sqlite3.Connection,
-        querier: str,
-        query_id: bytes,
-        rdp: tuple[float, ...],
-        epoch: int,
-        now_s: float,
-    ) -> None:
+    def _write_charge(self, conn: sqlite3.Connection, charge: _Charge) -> None:
         """The writes of one charge; the caller's transaction commits them."""
+        querier, query_id, rdp, epoch, now_s = charge
         conn.execute(
             "INSERT INTO charges (querier, query_id, epoch, charged_at, epsilon) "
             "VALUES (?, ?, ?, ?, ?)",
