@@ -14,28 +14,13 @@ from fi_peer.agent import Agent
 from fi_peer.chain.client import ChainClient
 from fi_peer.chain.store import ReceiptState, ReceiptStore
 from fi_peer.identity import Identity
-from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
 from fi_peer.protocol.responder import ResponderConfig
 from fi_peer.settlement import EthPayments, Settler
 from network.memory import MemoryHub
 from tests.chain.helpers import PRICE, Harness
-
-CARD = ModelCard(
-    task="toy", n_classes=3, input_dim=4, arch="toy", model_hash=b"\x01" * 32, rules=("vote",)
-)
-
-
-class Toy:
-    def __init__(self, i: int) -> None:
-        self.i = i
-
-    def contribution(self, X: np.ndarray, rule: str) -> np.ndarray:
-        return np.tile(np.eye(3)[self.i % 3], (len(X), 1))
-
-    def vector_length(self, rule: str) -> int:
-        return 3
+from tests.support_agents import ToyModel, toy_card
 
 
 async def _start(
@@ -48,9 +33,11 @@ async def _start(
         querier=QuerierConfig(offer_window_ms=500, min_committee=2),
         responder=ResponderConfig(price_wei=price),
     )
-    core = PeerCore(identity, CARD, config=config, payments=pay)
+    core = PeerCore(identity, toy_card(task="toy"), config=config, payments=pay)
     settler = Settler(client, ReceiptStore(":memory:", client.receipt_domain), every_queries=every)
-    agent = Agent(core, hub.transport(identity.peer_id), Toy(len(name)), chain=settler)
+    agent = Agent(
+        core, hub.transport(identity.peer_id), ToyModel(len(name), one_hot=True), chain=settler
+    )
     await agent.start()
     return agent, settler
 

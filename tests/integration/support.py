@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import shutil
 import socket
 import subprocess
@@ -15,9 +17,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from fi_peer.chain.anvil import AnvilProcess
+    from fi_peer.chain.client import Deployment
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
@@ -211,3 +217,54 @@ def load_local_network() -> Any:
     from fi_peer import localnet
 
     return localnet
+
+
+def deploy_on(anvil: AnvilProcess, *, claim_grace_s: int) -> Deployment:
+    """The contracts, deployed on ``anvil`` by its first dev account."""
+    from web3 import AsyncHTTPProvider, AsyncWeb3
+
+    from fi_peer.chain.anvil import dev_accounts
+    from fi_peer.chain.client import deploy_contracts
+
+    async def deploy() -> Deployment:
+        w3 = AsyncWeb3(AsyncHTTPProvider(anvil.rpc_url))
+        try:
+            return await deploy_contracts(w3, dev_accounts()[0], claim_grace_s=claim_grace_s)
+        finally:
+            await w3.provider.disconnect()
+
+    return asyncio.run(deploy())
+
+
+def paid_network(
+    local_network: Any, rpc_url: str, deployment_file: Path, price: int, **chain: Any
+) -> Any:
+    """A ``LocalNetwork`` class whose peer i pays and is paid (``price`` wei a query) with
+    dev account 1 + i on the chain at ``rpc_url``; ``chain`` sets the ChainConfig's
+    settle and claim fields."""
+    from fi_peer.chain.anvil import dev_accounts
+    from fi_peer.config import ChainConfig, load_config, write_config
+
+    accounts = dev_accounts()
+
+    class PaidNetwork(local_network.LocalNetwork):  # type: ignore[misc, name-defined]
+        def write_config(self, peer: Any) -> None:
+            super().write_config(peer)
+            key_file = peer.state_dir / "eth.key"
+            key_file.write_text(accounts[1 + peer.index].key.hex())
+            os.chmod(key_file, 0o600)
+            config = ChainConfig(
+                rpc_url=rpc_url,
+                deployment=deployment_file,
+                eth_key_file=key_file,
+                auto_withdraw=True,
+                **chain,
+            )
+            write_config(
+                peer.config,
+                dataclasses.replace(
+                    load_config(peer.config), chain=config, price_wei=price, max_price_wei=price
+                ),
+            )
+
+    return PaidNetwork

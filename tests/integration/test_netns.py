@@ -13,12 +13,8 @@ in the same namespace, as a user on that machine would.
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +22,14 @@ from typing import Any
 
 import pytest
 
-from fi_peer.config import PeerConfig, write_config
-from fi_peer.identity import Identity, save_keystore
+from fi_peer.identity import Identity
 from tests.integration.support import wait_until
+from tests.support_netns import bridged_namespaces, cli_in, daemons_in, write_configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SUBNET = "10.231.0"
-PORT = 4001
 PEERS = 3
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=False)
 
 
 @dataclass
@@ -47,61 +38,16 @@ class Namespaces:
     veths: list[str]  # the peer-side interface in each peer namespace
 
 
-def _must(*args: str) -> None:
-    result = _ip(*args)
-    assert result.returncode == 0, f"ip {' '.join(args)}: {result.stderr}"
-
-
 @pytest.fixture
 def namespaces() -> Iterator[Namespaces]:
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (CAP_SYS_ADMIN)")
     tag = f"fi{os.getpid() % 1_000_000}"
-    switch = f"{tag}s"
-    ns = Namespaces([f"{tag}p{i}" for i in range(PEERS)], [f"{tag}p{i}" for i in range(PEERS)])
-    created: list[str] = []
-    try:
-        for name in (switch, *ns.peers):
-            result = _ip("netns", "add", name)
-            if result.returncode != 0:
-                pytest.skip(f"the kernel refused `ip netns add`: {result.stderr.strip()}")
-            created.append(name)
-        result = _ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        if result.returncode != 0:
-            pytest.skip(f"the kernel refused a bridge: {result.stderr.strip()}")
-        _must("-n", switch, "link", "set", "br0", "up")
-        for i, (name, veth) in enumerate(zip(ns.peers, ns.veths, strict=True)):
-            result = _ip("-n", switch, "link", "add", f"s{i}", "type", "veth", "peer", veth)
-            if result.returncode != 0:
-                pytest.skip(f"the kernel refused a veth pair: {result.stderr.strip()}")
-            _must("-n", switch, "link", "set", veth, "netns", name)
-            _must("-n", switch, "link", "set", f"s{i}", "master", "br0")
-            _must("-n", switch, "link", "set", f"s{i}", "up")
-            _must("-n", name, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", veth)
-            _must("-n", name, "link", "set", veth, "up")
-            _must("-n", name, "link", "set", "lo", "up")
-        yield ns
-    finally:
-        for name in created:
-            _ip("netns", "del", name)  # takes its interfaces with it
-
-
-def _in_ns(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "fi_peer.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "200"},
-        check=False,
-    )
+    veths = [f"{tag}p{i}" for i in range(PEERS)]  # named as their namespaces
+    with bridged_namespaces(tag, SUBNET, veths) as peers:
+        yield Namespaces(peers, veths)
 
 
 def _peers(ns: str, config: Path) -> list[dict[str, Any]]:
-    result = _in_ns(ns, "peers", "--config", str(config), "--json")
+    result = cli_in(ns, "peers", "--config", str(config), "--json")
     if result.returncode != 0:
         return []
     rows: list[dict[str, Any]] = json.loads(result.stdout)["peers"]
@@ -129,44 +75,12 @@ def test_daemons_in_separate_namespaces_answer_a_query(
     ns = namespaces
     identities = [Identity.generate() for _ in range(PEERS)]
     ids = {identity.peer_id for identity in identities}
-    configs: list[Path] = []
-    seed = local_network.libp2p_address(identities[0].peer_id, PORT, host=f"{SUBNET}.1")
-    for i, identity in enumerate(identities):
-        state = tmp_path / f"peer-{i}"
-        save_keystore(state / "keystore.json", identity, None)
-        config = PeerConfig(
-            name=f"ns-{i}",
-            net="netns",
-            encrypted=False,
-            model=owner_models[i],
-            listen=(f"/ip4/{SUBNET}.{i + 1}/tcp/{PORT}",),
-            bootstrap=(seed,) if i else (),
-            announce_interval_ms=500,
-            k=PEERS - 1,
-            per_querier_epsilon=math.inf,
-            global_epsilon=math.inf,
-        )
-        write_config(state / "config.toml", config)
-        configs.append(state / "config.toml")
+    configs = write_configs(tmp_path, identities, owner_models, SUBNET, local_network)
     rx_before = _counter(ns.peers[0], ns.veths[0], "rx_bytes")
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for name, config in zip(ns.peers, configs, strict=True):
-            log = open(config.parent / "daemon.log", "wb")  # noqa: SIM115 - owned by the child
-            command = ["ip", "netns", "exec", name, sys.executable, "-m", "fi_peer.cli"]
-            processes.append(
-                subprocess.Popen(
-                    [*command, "run", "--config", str(config)],
-                    stdout=log,
-                    stderr=log,
-                    stdin=subprocess.DEVNULL,
-                )
-            )
-            log.close()
+    with daemons_in(ns.peers, configs) as daemons:
 
         def connected(i: int) -> bool:
-            for process in processes:
-                assert process.poll() is None, "a daemon exited early; see its daemon.log"
+            daemons.assert_running()
             rows = _peers(ns.peers[i], configs[i])
             return {r["peer_id"] for r in rows if r["connected"]} == ids - {identities[i].peer_id}
 
@@ -182,7 +96,7 @@ def test_daemons_in_separate_namespaces_answer_a_query(
         digit = tmp_path / "digit.json"
         digit.write_text(json.dumps({"input": samples["inputs"][0]}))
         querier = PEERS - 1
-        result = _in_ns(
+        result = cli_in(
             ns.peers[querier], "query", str(digit), "--config", str(configs[querier]), "--json"
         )
         assert result.returncode == 0, result.stdout + result.stderr
@@ -192,17 +106,6 @@ def test_daemons_in_separate_namespaces_answer_a_query(
 
         assert _counter(ns.peers[0], ns.veths[0], "rx_bytes") - rx_before > 1000
         assert _counter(ns.peers[querier], ns.veths[querier], "tx_bytes") > 1000
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        codes = []
-        for process in processes:
-            try:
-                codes.append(process.wait(20))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                codes.append(process.wait(10))
-    assert codes == [0] * PEERS, "daemons did not shut down cleanly"
+    assert daemons.codes == [0] * PEERS, "daemons did not shut down cleanly"
     for config in configs:
         assert "Traceback" not in (config.parent / "daemon.log").read_text()

@@ -12,8 +12,6 @@ whatever the escrow still holds is exactly what no member delivered.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +20,9 @@ from typing import Any
 import pytest
 
 from fi_peer.chain.anvil import AnvilConfig, AnvilProcess, dev_accounts
-from fi_peer.chain.client import ChainClient, Deployment, deploy_contracts
-from fi_peer.config import ChainConfig, load_config, write_config
+from fi_peer.chain.client import ChainClient, Deployment
 from tests.chain.conftest import require_anvil
-from tests.integration.support import wait_until
+from tests.integration.support import deploy_on, paid_network, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,16 +42,7 @@ def anvil() -> Iterator[AnvilProcess]:
 
 @pytest.fixture(scope="module")
 def deployment(anvil: AnvilProcess) -> Deployment:
-    async def deploy() -> Deployment:
-        from web3 import AsyncHTTPProvider, AsyncWeb3
-
-        w3 = AsyncWeb3(AsyncHTTPProvider(anvil.rpc_url))
-        try:
-            return await deploy_contracts(w3, dev_accounts()[0], claim_grace_s=30)
-        finally:
-            await w3.provider.disconnect()
-
-    return asyncio.run(deploy())
+    return deploy_on(anvil, claim_grace_s=30)
 
 
 @pytest.fixture(scope="module")
@@ -68,30 +56,16 @@ def network(
     folder = tmp_path_factory.mktemp("paid")
     deployment_file = folder / "deployment.json"
     deployment.save(deployment_file)
-    accounts = dev_accounts()
-
-    class PaidNetwork(local_network.LocalNetwork):  # type: ignore[misc, name-defined]
-        def write_config(self, peer: Any) -> None:
-            super().write_config(peer)
-            key_file = peer.state_dir / "eth.key"
-            key_file.write_text(accounts[1 + peer.index].key.hex())
-            os.chmod(key_file, 0o600)
-            chain = ChainConfig(
-                rpc_url=anvil.rpc_url,
-                deployment=deployment_file,
-                eth_key_file=key_file,
-                settle_every_queries=INPUTS_PER_QUERIER,
-                settle_every_s=60.0,  # the batch comes from the count, not the clock
-                claim_every_s=1.0,
-                settle_window_s=3600,
-                auto_withdraw=True,
-            )
-            config = load_config(peer.config)
-            write_config(
-                peer.config,
-                dataclasses.replace(config, chain=chain, price_wei=PRICE, max_price_wei=PRICE),
-            )
-
+    PaidNetwork = paid_network(
+        local_network,
+        anvil.rpc_url,
+        deployment_file,
+        PRICE,
+        settle_every_queries=INPUTS_PER_QUERIER,
+        settle_every_s=60.0,  # the batch comes from the count, not the clock
+        claim_every_s=1.0,
+        settle_window_s=3600,
+    )
     net = PaidNetwork(folder / "net", transport="libp2p", announce_interval_ms=500,
                       offer_window_ms=1000)
     try:

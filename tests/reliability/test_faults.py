@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import sqlite3
 from collections import Counter, defaultdict
@@ -40,15 +39,16 @@ from typing import Any
 import pytest
 
 from fi_peer.chain.anvil import AnvilChain, AnvilConfig, AnvilProcess, dev_accounts, free_port
-from fi_peer.chain.client import ChainClient, Deployment, deploy_contracts
-from fi_peer.config import ChainConfig, load_config, write_config
+from fi_peer.chain.client import ChainClient, Deployment
 from fi_peer.control import ControlError
 from fi_peer.errors import FiPeerError
 from fi_peer.faults import ENV as FAULT_ENV
 from tests.chain.conftest import require_anvil
 from tests.integration.support import (
     Mosquitto,
+    deploy_on,
     load_local_network,
+    paid_network,
     require_mosquitto,
     wait_until,
 )
@@ -90,33 +90,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     broker = Mosquitto(folder).start()
     net = None
     try:
-        deployment = asyncio.run(_deploy(anvil))
+        deployment = deploy_on(anvil, claim_grace_s=GRACE_S)
         deployment_file = folder / "deployment.json"
         deployment.save(deployment_file)
         accounts = dev_accounts()
 
-        class FaultyPaidNetwork(local_network.LocalNetwork):  # type: ignore[misc, name-defined]
-            def write_config(self, peer: Any) -> None:
-                super().write_config(peer)
-                key_file = peer.state_dir / "eth.key"
-                key_file.write_text(accounts[1 + peer.index].key.hex())
-                os.chmod(key_file, 0o600)
-                chain = ChainConfig(
-                    rpc_url=anvil.rpc_url,
-                    deployment=deployment_file,
-                    eth_key_file=key_file,
-                    settle_every_queries=1,
-                    settle_every_s=1.0,
-                    claim_every_s=0.5,
-                    settle_window_s=SETTLE_WINDOW_S,
-                    auto_withdraw=True,
-                )
-                config = load_config(peer.config)
-                write_config(
-                    peer.config,
-                    dataclasses.replace(config, chain=chain, price_wei=PRICE, max_price_wei=PRICE),
-                )
+        PaidNetwork = paid_network(
+            local_network,
+            anvil.rpc_url,
+            deployment_file,
+            PRICE,
+            settle_every_queries=1,
+            settle_every_s=1.0,
+            claim_every_s=0.5,
+            settle_window_s=SETTLE_WINDOW_S,
+        )
 
+        class FaultyPaidNetwork(PaidNetwork):  # type: ignore[misc, valid-type]
             def start(self, peer: Any) -> None:
                 self.env = {FAULT_ENV: f"@{peer.state_dir / 'fault'}"}
                 super().start(peer)
@@ -139,16 +129,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             net.stop_all()
         broker.stop()
         anvil.stop()
-
-
-async def _deploy(anvil: AnvilProcess) -> Deployment:
-    from web3 import AsyncHTTPProvider, AsyncWeb3
-
-    w3 = AsyncWeb3(AsyncHTTPProvider(anvil.rpc_url))
-    try:
-        return await deploy_contracts(w3, dev_accounts()[0], claim_grace_s=GRACE_S)
-    finally:
-        await w3.provider.disconnect()
 
 
 # -- helpers ---------------------------------------------------------------------------------

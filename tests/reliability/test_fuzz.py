@@ -26,23 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
-from fi_peer.agent import Agent
 from fi_peer.identity import Identity
-from fi_peer.protocol.messages import ModelCard
-from fi_peer.protocol.peer import CoreConfig, PeerCore
+from fi_peer.protocol.peer import CoreConfig
 from fi_peer.protocol.querier import QuerierConfig
 from network.base import Transport
 from network.memory import MemoryHub
 from tests.reliability.conftest import DIRECT, PEERS, Hostile, generate, messages
+from tests.support_agents import DIM, ToyModel, meet, memory_transport, start_agent, toy_card
 
 N_MEMORY = 4_000  # the fast variant: a prefix of the daemons' corpus
 N_DAEMON = 10_000
 BATCH = 250
-DIM = 4
-N_CLASSES = 3
 # every reason the generator is built to reach (a missing one means a dead category)
 EXPECTED_REASONS = {
     "malformed",
@@ -92,28 +88,6 @@ async def send_batch(
 # -- in process: a live Agent over the memory transport ----------------------------------------
 
 
-class ToyModel:
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def contribution(self, X: npt.NDArray[np.float32], rule: str) -> npt.NDArray[np.float64]:
-        return np.tile(np.eye(N_CLASSES)[self.index % N_CLASSES], (len(X), 1))
-
-    def vector_length(self, rule: str) -> int:
-        return N_CLASSES
-
-
-def toy_card() -> ModelCard:
-    return ModelCard(
-        task="digits",
-        n_classes=N_CLASSES,
-        input_dim=DIM,
-        arch="toy",
-        model_hash=b"\x01" * 32,
-        rules=("vote",),
-    )
-
-
 async def test_fuzz_memory_agent() -> None:
     corpus = generate(N_DAEMON)[:N_MEMORY]
     hub = MemoryHub(seed=7)
@@ -123,23 +97,20 @@ async def test_fuzz_memory_agent() -> None:
         announce_interval_ms=3_600_000,
         querier=QuerierConfig(offer_window_ms=300, min_committee=1),
     )
-    agents = []
-    for i in range(3):
-        identity = Identity.from_seed(f"fuzz-honest-{i}".encode())
-        agent = Agent(
-            PeerCore(identity, toy_card(), config=config),
-            hub.transport(identity.peer_id),
-            ToyModel(i),
+    agents = [
+        await start_agent(
+            f"fuzz-honest-{i}",
+            toy_card(),
+            ToyModel(i, one_hot=True),
+            config,
+            memory_transport(hub),
         )
-        await agent.start()
-        agents.append(agent)
+        for i in range(3)
+    ]
     attacker = hub.transport(Identity.from_seed(b"fuzz-transport").peer_id)
     await attacker.start()
     try:
-        for agent in agents:
-            agent.announce()
-        for agent in agents:
-            assert await agent.wait_for_peers(2, timeout_s=5)
+        await meet(agents)
         victim = agents[0]
         core = victim.core
         topics = {PEERS: core.peers_topic, "queries": core.query_topic}

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import trio
 
@@ -29,17 +28,15 @@ from fi_peer.agent import Agent, relay_check
 from fi_peer.identity import Identity
 from fi_peer.protocol import fixedpoint
 from fi_peer.protocol.envelope import seal
-from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
-from network.base import Subscription
+from network.base import Subscription, Transport
+from tests.support_agents import DIM, N_CLASSES, ToyModel, meet, start_agent, toy_card
 
 libp2p = pytest.importorskip("network.libp2p")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DIM = 4
-N_CLASSES = 3
 FLOOD = 2000  # authentic announcements from M
 JUNK = 250  # and junk
 X = np.arange(DIM, dtype=np.float32)
@@ -48,29 +45,6 @@ X = np.arange(DIM, dtype=np.float32)
 GOSSIP = libp2p.GossipSettings(
     heartbeat_interval=1, heartbeat_initial_delay=0.05, relay_rate=10.0, relay_burst=50
 )
-
-
-class ToyModel:
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def contribution(self, X: npt.NDArray[np.float32], rule: str) -> npt.NDArray[np.float64]:
-        row = (self.index + 1) * np.arange(1, N_CLASSES + 1, dtype=np.float64)
-        return np.tile(row, (len(X), 1))
-
-    def vector_length(self, rule: str) -> int:
-        return N_CLASSES
-
-
-def card() -> ModelCard:
-    return ModelCard(
-        task="digits",
-        n_classes=N_CLASSES,
-        input_dim=DIM,
-        arch="toy",
-        model_hash=b"\x01" * 32,
-        rules=("vote",),
-    )
 
 
 @dataclass
@@ -101,14 +75,16 @@ async def flood_net() -> AsyncIterator[FloodNet]:
         querier=QuerierConfig(offer_window_ms=1000),
     )
     agents: list[Agent] = []
-    for i in range(3):
-        identity = Identity.from_seed(f"flood-honest-{i}".encode())
-        transport = libp2p.Libp2pTransport(
+
+    def transport(identity: Identity) -> Transport:
+        return libp2p.Libp2pTransport(
             bytes(identity.signing_key), gossip=GOSSIP, gossip_validator=relay_check
         )
-        agent = Agent(PeerCore(identity, card(), config=config), transport, ToyModel(i))
-        await agent.start()
-        agents.append(agent)
+
+    for i in range(3):
+        agents.append(
+            await start_agent(f"flood-honest-{i}", toy_card(), ToyModel(i), config, transport)
+        )
     attacker = Identity.from_seed(b"flood-attacker")
     m = libp2p.Libp2pTransport(bytes(attacker.signing_key), gossip=GOSSIP)
     await m.start()
@@ -125,10 +101,7 @@ async def flood_net() -> AsyncIterator[FloodNet]:
             return {m.local_id, *(x.peer_id for x in members)} <= known
 
         await _until(meshed, "A to see everyone's subscriptions")
-        for agent in agents:
-            agent.announce()
-        for agent in agents:
-            assert await agent.wait_for_peers(2, timeout_s=10)
+        await meet(agents, timeout_s=10)
         yield FloodNet(a, members, attacker, m)
     finally:
         await asyncio.gather(m.aclose(), *(agent.aclose() for agent in agents))
@@ -162,7 +135,7 @@ async def test_a_gossip_flood_is_not_relayed_and_does_not_delay_an_honest_query(
     probe = await b.transport.subscribe(topic)
     at_b = [0]
     counter = asyncio.create_task(_count_from(probe, net.attacker.public_key, at_b))
-    m_core = PeerCore(net.attacker, card(), config=CoreConfig(net="flood"))
+    m_core = PeerCore(net.attacker, toy_card(), config=CoreConfig(net="flood"))
     announce = m_core.announcement()
 
     def judged_by_a() -> int:

@@ -40,43 +40,25 @@ from fi_peer.privacy.shamir import SHARE_LEN
 from fi_peer.protocol import fixedpoint
 from fi_peer.protocol.effects import Effect, QueryOutcome, Send
 from fi_peer.protocol.envelope import seal
-from fi_peer.protocol.messages import ModelCard, Reveal, Share, Unmask
-from fi_peer.protocol.peer import CoreConfig, PeerCore
+from fi_peer.protocol.messages import Reveal, Share, Unmask
+from fi_peer.protocol.peer import CoreConfig
 from fi_peer.protocol.querier import QuerierConfig, QuerySession
 from fi_peer.protocol.responder import MemberSession, Responder, ResponderConfig, RState
 from network.memory import MemoryHub
+from tests.support_agents import (
+    DIM,
+    N_CLASSES,
+    ToyModel,
+    meet,
+    memory_transport,
+    start_agent,
+    toy_card,
+)
 
-DIM = 4
-N_CLASSES = 3
 K = 4
 T = K // 2 + 1
 TIMEOUT_S = 3.0
 X = np.arange(DIM, dtype=np.float32)
-
-
-class ToyModel:
-    """Member i answers (i + 1) * [1, 2, 3]: distinct, exact in fixed point."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def contribution(self, X: npt.NDArray[np.float32], rule: str) -> npt.NDArray[np.float64]:
-        row = (self.index + 1) * np.arange(1, N_CLASSES + 1, dtype=np.float64)
-        return np.tile(row, (len(X), 1))
-
-    def vector_length(self, rule: str) -> int:
-        return N_CLASSES
-
-
-def card() -> ModelCard:
-    return ModelCard(
-        task="digits",
-        n_classes=N_CLASSES,
-        input_dim=DIM,
-        arch="toy",
-        model_hash=b"\x01" * 32,
-        rules=("vote",),
-    )
 
 
 @dataclass
@@ -114,18 +96,14 @@ async def net() -> AsyncIterator[Net]:
     agents: list[Agent] = []
     models: dict[str, ToyModel] = {}
     for i in range(K + 1):
-        identity = Identity.from_seed(f"malicious-test-{i}".encode())
         model = ToyModel(i)
-        models[identity.peer_id] = model
-        agent = Agent(PeerCore(identity, card(), config=config), hub.transport(identity.peer_id),
-                      model)  # fmt: skip
-        await agent.start()
+        agent = await start_agent(
+            f"malicious-test-{i}", toy_card(), model, config, memory_transport(hub)
+        )
+        models[agent.peer_id] = model
         agents.append(agent)
     try:
-        for agent in agents:
-            agent.announce()
-        for agent in agents:
-            assert await agent.wait_for_peers(K, timeout_s=5)
+        await meet(agents)
         yield Net(agents[0], agents[1:], hub, models)
     finally:
         for agent in agents:

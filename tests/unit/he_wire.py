@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fi_peer.protocol.he_messages import (
     HEAccept,
     HEContextChunk,
@@ -17,21 +19,33 @@ A, B = "a" * 64, "b" * 64
 DIGEST = "d" * 64
 
 
+def toy_request_fields(
+    query_id: bytes, *, now_ms: int, reply_key: bytes, epsilon: float, delta: float
+) -> dict[str, Any]:
+    """The fields a toy query request (plain QueryRequest or HERequest) shares: 3 classes,
+    4 inputs, rule soft, k = 2, free, due 5 s after ``now_ms``."""
+    return {
+        "query_id": query_id,
+        "task": "toy",
+        "n_classes": 3,
+        "input_dim": 4,
+        "rule": "soft",
+        "vector_len": 3,
+        "k": 2,
+        "max_price_wei": 0,
+        "deadline_ms": now_ms + 5000,
+        "reply_key": reply_key,
+        "epsilon": epsilon,
+        "delta": delta,
+    }
+
+
 def he_samples(now_ms: int) -> list[HEMessage]:
     return [
         HERequest(
-            query_id=b"q" * 16,
-            task="toy",
-            n_classes=3,
-            input_dim=4,
-            rule="soft",
-            vector_len=3,
-            k=2,
-            max_price_wei=0,
-            deadline_ms=now_ms + 5000,
-            reply_key=b"r" * 32,
-            epsilon=0.0,
-            delta=0.0,
+            **toy_request_fields(
+                b"q" * 16, now_ms=now_ms, reply_key=b"r" * 32, epsilon=0.0, delta=0.0
+            ),
             context_digest=DIGEST,
             n_inputs=1,
             layout="single",

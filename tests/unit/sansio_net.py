@@ -42,7 +42,7 @@ from fi_peer.protocol.peer import CoreConfig, PeerCore
 Model = Callable[[np.ndarray, str], np.ndarray]
 
 
-def card(n_classes: int = 3, input_dim: int = 4) -> ModelCard:
+def card(n_classes: int = 3, input_dim: int = 4, *, he: bool = False) -> ModelCard:
     return ModelCard(
         task="toy",
         n_classes=n_classes,
@@ -50,6 +50,7 @@ def card(n_classes: int = 3, input_dim: int = 4) -> ModelCard:
         arch="fn",
         model_hash=b"\x00" * 32,
         rules=("soft", "vote"),
+        he=he,
     )
 
 

@@ -141,6 +141,12 @@ def audit_query(w: World, label: int, *, epsilon: float = 0.0, sigma: float = 0.
     return qid
 
 
+def request_openings(w: World, qid: bytes) -> None:
+    """The querier asks the members of ``qid`` for openings; the network runs dry."""
+    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
+    w.net.run()
+
+
 def test_audit_openings_verify_sum_to_the_answer_and_are_charged() -> None:
     w, guards = audit_world()
     tap = Tap()
@@ -154,8 +160,7 @@ def test_audit_openings_verify_sum_to_the_answer_and_are_charged() -> None:
     assert set(book.audits[qid].commitments) == set(out.contributors)
     # Nothing was opened during the query: open requests only come after it.
     assert tap.of("open_request") == [] and tap.of("opening") == []
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     assert len(tap.of("open_request")) == 3
     assert w.querier.metrics["audit.opened"] == 3
     opened = book.audits[qid].opened
@@ -172,8 +177,7 @@ def test_audit_openings_verify_sum_to_the_answer_and_are_charged() -> None:
             sigmas = [s for _, q, s in guard.charges if q == qid]
             assert len(sigmas) == 2 and math.isclose(sigmas[1], sigmas[0] / math.sqrt(t))
     # A second request for the same audit is refused: opened once.
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     refusals = [body(d, Opening) for d in tap.of("opening")][3:]
     assert [r.refused for r in refusals] == ["already_opened"] * 3
 
@@ -184,8 +188,7 @@ def test_members_refuse_openings_beyond_their_limit() -> None:
     w.net.drop = tap
     qid = audit_query(w, label=0)
     assert done(w, qid).ok
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     # One answer each: 25 % of 1 rounds down to no opening at all.
     assert {body(d, Opening).refused for d in tap.of("opening")} == {"open_limit"}
     book = w.querier.audit_book
@@ -201,8 +204,7 @@ def test_a_member_cannot_open_to_another_vector() -> None:
     cheat = next(m for m in w.members if m.peer_id in out.contributors)
     tap = Tap(hold=lambda src, dst, kind: src == cheat.peer_id and kind == "opening")
     w.net.drop = tap
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     (honest,) = [body(d, Opening) for *_, d in tap.held]
     words = fixedpoint.from_bytes(honest.vector)
     words[0] += np.uint64(1 << 24)  # claim one more unit of evidence for class 0
@@ -254,16 +256,14 @@ def test_openings_only_after_the_query_is_over() -> None:
     w.net.drop = tap
     qid = audit_query(w, label=0)
     assert done(w, qid).ok
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     assert {body(d, Opening).refused for d in tap.of("opening")} == {"not_over"}
     # Once the Result is in, the same request is answered.
     tap.hold = lambda src, dst, kind: False
     for _, dst, _, data in tap.held:
         w.net.deliver(dst, data)
     w.net.run()
-    w.net._feed(w.querier.peer_id, w.querier.request_openings(qid, w.net.now_ms))
-    w.net.run()
+    request_openings(w, qid)
     book = w.querier.audit_book
     assert book is not None and len(book.audits[qid].opened) == 3
     assert sum(book.refusals.values()) == 3  # the early refusals stay on record

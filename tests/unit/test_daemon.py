@@ -10,6 +10,7 @@ deadline, never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest_asyncio
 
 from fi_peer.config import PeerConfig, write_config
 from fi_peer.control import ControlClient, ControlError, RequestError, read_control_file
-from fi_peer.daemon import Daemon, load_identity, parse_input, state_dir_lock
+from fi_peer.daemon import Daemon, load_identity, open_ledger, parse_input, state_dir_lock
 from fi_peer.errors import ConfigError, KeystoreError
 from fi_peer.identity import Identity, save_keystore
 from fi_peer.models.data import load_digits_split
@@ -124,23 +125,48 @@ class Running:
         return await asyncio.to_thread(self.client().post, path, body, timeout=20)
 
 
-@pytest_asyncio.fixture
-async def trio_of_daemons(tmp_path: Path, models: list[Path]) -> AsyncIterator[list[Running]]:
-    hub = MemoryHub(seed=0)
-    running: list[Running] = []
-    for i, model in enumerate(models):
-        identity = Identity.from_seed(f"daemon-test-{i}".encode())
-        config = PeerConfig(
-            name=f"d{i}",
-            net="unit",
-            state_dir=tmp_path / f"d{i}",
+def daemon_configs(
+    folder: Path, models: list[Path], name: str, *, net: str, **extra: Any
+) -> list[PeerConfig]:
+    """A quick-beating k = 2 config per model, named and kept in ``<folder>/<name><i>``."""
+    return [
+        PeerConfig(
+            name=f"{name}{i}",
+            net=net,
+            state_dir=folder / f"{name}{i}",
             model=model,
             announce_interval_ms=200,
             offer_window_ms=300,
             k=2,
             query_timeout_s=5.0,
+            **extra,
         )
-        daemon = Daemon(config, identity, ModelRuntime.load(model), hub.transport(identity.peer_id))
+        for i, model in enumerate(models)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_daemons(
+    models: list[Path],
+    configs: list[PeerConfig],
+    *,
+    hub_seed: int,
+    seed_prefix: str,
+    ledgered: bool = False,
+) -> AsyncIterator[list[Running]]:
+    """One daemon per (model, config) over one in-memory hub, all ready and seeing each
+    other; stopped (and awaited) on exit. ``ledgered`` gives each its privacy ledger."""
+    hub = MemoryHub(seed=hub_seed)
+    running: list[Running] = []
+    for i, (model, config) in enumerate(zip(models, configs, strict=True)):
+        identity = Identity.from_seed(f"{seed_prefix}-{i}".encode())
+        daemon = Daemon(
+            config,
+            identity,
+            ModelRuntime.load(model),
+            hub.transport(identity.peer_id),
+            ledger=open_ledger(config) if ledgered else None,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))
         async with asyncio.timeout(10):
@@ -155,6 +181,13 @@ async def trio_of_daemons(tmp_path: Path, models: list[Path]) -> AsyncIterator[l
         r.stop.set()
     async with asyncio.timeout(15):
         await asyncio.gather(*(r.task for r in running))
+
+
+@pytest_asyncio.fixture
+async def trio_of_daemons(tmp_path: Path, models: list[Path]) -> AsyncIterator[list[Running]]:
+    configs = daemon_configs(tmp_path, models, "d", net="unit")
+    async with running_daemons(models, configs, hub_seed=0, seed_prefix="daemon-test") as running:
+        yield running
 
 
 async def test_status_peers_and_a_collective_answer(trio_of_daemons: list[Running]) -> None:

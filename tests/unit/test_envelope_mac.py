@@ -25,6 +25,7 @@ from fi_peer.protocol.envelope import (
     seal,
 )
 from fi_peer.protocol.messages import KeyRelay, Offer, QueryRequest, Result, Unmask
+from tests.unit.he_wire import toy_request_fields
 
 NOW = 1_767_225_600_000
 QID = b"q" * 16
@@ -33,18 +34,7 @@ BOB = Identity.from_seed(b"mac-bob")  # a member
 MALLORY = Identity.from_seed(b"mac-mallory")
 
 REQUEST = QueryRequest(
-    query_id=QID,
-    task="toy",
-    n_classes=3,
-    input_dim=4,
-    rule="soft",
-    vector_len=3,
-    k=2,
-    max_price_wei=0,
-    deadline_ms=NOW + 5000,
-    reply_key=ALICE.box_public_key,
-    epsilon=1.0,
-    delta=1e-5,
+    **toy_request_fields(QID, now_ms=NOW, reply_key=ALICE.box_public_key, epsilon=1.0, delta=1e-5)
 )
 RESULT = Result(query_id=QID, ok=True, contributors=(BOB.peer_id,))
 

@@ -11,12 +11,11 @@ import numpy as np
 
 from fi_peer.agent import Agent
 from fi_peer.he_runtime import HERuntime
-from fi_peer.identity import Identity
 from fi_peer.privacy import he
-from fi_peer.protocol.messages import ModelCard
-from fi_peer.protocol.peer import CoreConfig, PeerCore
+from fi_peer.protocol.peer import CoreConfig
 from fi_peer.protocol.querier import QuerierConfig
 from network.memory import MemoryHub
+from tests.support_agents import meet, memory_transport, start_agent, toy_card
 from tests.unit.test_he_protocol import DIM, OUT, TOL, tiny_model
 
 
@@ -30,18 +29,6 @@ class Plain:
         return OUT
 
 
-def card(serves: bool) -> ModelCard:
-    return ModelCard(
-        task="toy",
-        n_classes=OUT,
-        input_dim=DIM,
-        arch="toy",
-        model_hash=b"\x01" * 32,
-        rules=("soft",),
-        he=serves,
-    )
-
-
 async def test_input_private_query_through_agents_equals_plaintext() -> None:
     hub = MemoryHub(seed=11)
     config = CoreConfig(net="he", querier=QuerierConfig(offer_window_ms=2000, include_self=False))
@@ -49,19 +36,19 @@ async def test_input_private_query_through_agents_equals_plaintext() -> None:
     models = [tiny_model(10 + i) for i in range(2)]
     agents: list[Agent] = []
     for i, model in enumerate([None, *models]):
-        identity = Identity.from_seed(f"he-agent-{i}".encode())
-        core = PeerCore(identity, card(model is not None), config=config)
+        card = toy_card(
+            task="toy", n_classes=OUT, input_dim=DIM, rules=("soft",), he=model is not None
+        )
         runtime = HERuntime(model)
         if model is not None:
             runtime.contexts = shared
-        agent = Agent(core, hub.transport(identity.peer_id), Plain(), he=runtime)
-        await agent.start()
-        agents.append(agent)
+        agents.append(
+            await start_agent(
+                f"he-agent-{i}", card, Plain(), config, memory_transport(hub), he=runtime
+            )
+        )
     try:
-        for agent in agents:
-            agent.announce()
-        for agent in agents:
-            assert await agent.wait_for_peers(2, timeout_s=5)
+        await meet(agents)
         querier = agents[0]
         x = np.array([0.2, -0.4, 1.0, 0.5])
         expected = sum(m.forward(x[None, :])[0] for m in models)

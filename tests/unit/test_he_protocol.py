@@ -35,22 +35,14 @@ from fi_peer.protocol.he_query import aggregation_order
 from fi_peer.protocol.messages import MESSAGE_TYPES, ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
-from tests.unit.sansio_net import SansIoNet, _kind
+from tests.unit.sansio_net import SansIoNet, _kind, card
 
 TOL = 1e-3
 DIM, HIDDEN, OUT = 4, 8, 3
 
 
 def he_card(serves: bool = True) -> ModelCard:
-    return ModelCard(
-        task="toy",
-        n_classes=OUT,
-        input_dim=DIM,
-        arch="fn",
-        model_hash=b"\x00" * 32,
-        rules=("soft", "vote"),
-        he=serves,
-    )
+    return card(OUT, DIM, he=serves)
 
 
 def tiny_model(seed: int) -> he.HEModel:

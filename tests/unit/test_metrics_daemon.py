@@ -15,56 +15,29 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from fi_peer.cli import app
-from fi_peer.config import PeerConfig, write_config
-from fi_peer.daemon import Daemon, announced_addresses, open_ledger
-from fi_peer.identity import Identity
+from fi_peer.config import write_config
+from fi_peer.daemon import announced_addresses
 from fi_peer.models.data import load_digits_split
-from fi_peer.models.runtime import ModelRuntime
-from network.memory import MemoryHub
-from tests.unit.test_daemon import Running, models  # noqa: F401  (a fixture)
+from tests.unit.test_daemon import (  # noqa: F401  (models: a fixture)
+    Running,
+    daemon_configs,
+    models,
+    running_daemons,
+)
 from tests.unit.test_metrics import _samples
 
 
 @pytest_asyncio.fixture
 async def ledgered(tmp_path: Path, models: list[Path]) -> AsyncIterator[list[Running]]:  # noqa: F811
-    hub = MemoryHub(seed=1)
-    running: list[Running] = []
-    for i, model in enumerate(models):
-        identity = Identity.from_seed(f"metrics-test-{i}".encode())
-        config = PeerConfig(
-            name=f"m{i}",
-            net="metrics",
-            state_dir=tmp_path / f"m{i}",
-            model=model,
-            announce_interval_ms=200,
-            offer_window_ms=300,
-            k=2,
-            query_timeout_s=5.0,
-            per_querier_epsilon=20.0,
-            global_epsilon=200.0,
-        )
+    configs = daemon_configs(
+        tmp_path, models, "m", net="metrics", per_querier_epsilon=20.0, global_epsilon=200.0
+    )
+    for config in configs:
         write_config(config.state_dir / "config.toml", config)
-        daemon = Daemon(
-            config,
-            identity,
-            ModelRuntime.load(model),
-            hub.transport(identity.peer_id),
-            ledger=open_ledger(config),
-        )
-        stop = asyncio.Event()
-        task = asyncio.create_task(daemon.run(stop))
-        async with asyncio.timeout(10):
-            await daemon.ready.wait()
-        running.append(Running(daemon, task, stop))
-    for r in running:
-        r.daemon.agent.announce()
-    for r in running:
-        assert await r.daemon.agent.wait_for_peers(len(models) - 1, timeout_s=10)
-    yield running
-    for r in running:
-        r.stop.set()
-    async with asyncio.timeout(15):
-        await asyncio.gather(*(r.task for r in running))
+    async with running_daemons(
+        models, configs, hub_seed=1, seed_prefix="metrics-test", ledgered=True
+    ) as running:
+        yield running
 
 
 async def test_metrics_and_status_count_what_happened(ledgered: list[Running]) -> None:
