@@ -3,7 +3,8 @@
 An :class:`Inbox` is a FIFO that drops (and says so) when full and ends
 iteration when closed: what a transport's ``incoming()`` and each
 subscription read from. :class:`InboxSubscription` is the part of a
-subscription that every transport shares; each adds how it unsubscribes.
+subscription that every transport shares; each adds how it unsubscribes
+(:class:`OwnedSubscription`: by asking its transport, asynchronously).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 _T = TypeVar("_T")
 
@@ -93,3 +94,22 @@ class InboxSubscription(AsyncIterator[bytes]):
 
     def _close(self) -> None:
         self._inbox.close()
+
+
+class SubscriptionOwner(Protocol):
+    """A transport that forgets a subscription when it is closed."""
+
+    async def _drop_subscription(self, sub: OwnedSubscription) -> None: ...
+
+
+class OwnedSubscription(InboxSubscription):
+    """A subscription whose ``aclose`` asks its transport to drop it (libp2p, MQTT)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: SubscriptionOwner, topic: str, queue_size: int) -> None:
+        super().__init__(topic, queue_size)
+        self._owner = owner
+
+    async def aclose(self) -> None:
+        await self._owner._drop_subscription(self)

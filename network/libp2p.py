@@ -99,7 +99,7 @@ from network.base import (
     TransportError,
     validate_topic,
 )
-from network.inbox import Inbox, InboxIterator, InboxSubscription
+from network.inbox import Inbox, InboxIterator, OwnedSubscription
 from network.ratelimit import RateLimiter
 
 __all__ = [
@@ -953,17 +953,10 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes | None:
 # -- asyncio side ------------------------------------------------------------------------
 
 
-class Libp2pSubscription(InboxSubscription):
+class Libp2pSubscription(OwnedSubscription):
     """One ``subscribe()`` call on a :class:`Libp2pTransport`."""
 
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: Libp2pTransport, topic: str, queue_size: int) -> None:
-        super().__init__(topic, queue_size)
-        self._owner = owner
-
-    async def aclose(self) -> None:
-        await self._owner._drop_subscription(self)
+    __slots__ = ()
 
 
 class Libp2pTransport(TransportBase):
@@ -1186,7 +1179,7 @@ class Libp2pTransport(TransportBase):
             subs[sub] = None
         return sub
 
-    async def _drop_subscription(self, sub: Libp2pSubscription) -> None:
+    async def _drop_subscription(self, sub: OwnedSubscription) -> None:
         sub._inbox.close()
         subs = self._subscriptions.get(sub.topic)
         if subs is None or sub not in subs:

@@ -55,7 +55,7 @@ from network.base import (
     TransportError,
     validate_topic,
 )
-from network.inbox import Inbox, InboxIterator, InboxSubscription
+from network.inbox import Inbox, InboxIterator, OwnedSubscription
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -110,17 +110,10 @@ def _check_peer_id(peer: str) -> bytes:
         raise ValueError(f"not a fi-peer id: {peer[:80]!r}") from exc
 
 
-class MqttSubscription(InboxSubscription):
+class MqttSubscription(OwnedSubscription):
     """One ``subscribe()`` call on an :class:`MqttTransport`."""
 
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: MqttTransport, topic: str, queue_size: int) -> None:
-        super().__init__(topic, queue_size)
-        self._owner = owner
-
-    async def aclose(self) -> None:
-        await self._owner._drop_subscription(self)
+    __slots__ = ()
 
 
 class MqttTransport(TransportBase):
@@ -383,7 +376,7 @@ class MqttTransport(TransportBase):
                 log.debug("MQTT subscribe to %s deferred: %s", topic, exc)
         return sub
 
-    async def _drop_subscription(self, sub: MqttSubscription) -> None:
+    async def _drop_subscription(self, sub: OwnedSubscription) -> None:
         sub._inbox.close()
         subs = self._subscriptions.get(sub.topic)
         if subs is None or sub not in subs:
