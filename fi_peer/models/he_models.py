@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from fi_peer.errors import ModelError
-from fi_peer.models.data import DigitsSplit, dirichlet_partition, load_digits_split
-from fi_peer.models.zoo import ProgressCallback, derive_seed
+from fi_peer.models.data import DigitsSplit, load_digits_split
+from fi_peer.models.zoo import ProgressCallback, peer_partition, peer_seed, pooled_seed
 from fi_peer.privacy.he import HEModel, LinearLayer, build_he_model, support_model
 
 __all__ = [
@@ -65,10 +65,6 @@ logger = logging.getLogger(__name__)
 HE_DIMS = (64, 32, 10)
 Loss = Literal["mse", "ce"]
 
-# The zoo's seed keys (fi_peer.models.zoo): same seed -> same partition.
-_PARTITION_KEY = 0
-_PEER_KEY = 1
-_POOLED_KEY = 2
 
 
 class Square(nn.Module):
@@ -202,9 +198,7 @@ def train_he_peer_models(
     min_size: int = 10,
 ) -> list[HEPeer]:
     """Dirichlet(alpha) partition (the zoo's, same seed) and one HE network per peer."""
-    data = split if split is not None else load_digits_split()
-    rng = np.random.default_rng(derive_seed(seed, _PARTITION_KEY))
-    parts = dirichlet_partition(data.y_train, n_peers, alpha, rng, min_size=min_size)
+    data, parts = peer_partition(n_peers, alpha, seed, split, min_size)
     n_classes = dims[-1]
     peers: list[HEPeer] = []
     for i, idx in enumerate(parts):
@@ -217,7 +211,7 @@ def train_he_peer_models(
             batch_size=batch_size,
             lr=lr,
             weight_decay=weight_decay,
-            seed=derive_seed(seed, _PEER_KEY, i),
+            seed=peer_seed(seed, i),
         )
         counts = np.bincount(data.y_train[idx], minlength=n_classes).astype(np.float64)
         peers.append(HEPeer(export_he_model(net), counts, idx))
@@ -247,7 +241,7 @@ def train_he_pooled(
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
-        seed=derive_seed(seed, _POOLED_KEY),
+        seed=pooled_seed(seed),
     )
     return export_he_model(net)
 

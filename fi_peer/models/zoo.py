@@ -314,6 +314,26 @@ _PEER_KEY = 1
 _POOLED_KEY = 2
 
 
+def peer_partition(
+    n_peers: int, alpha: float, seed: int, split: DigitsSplit | None = None, min_size: int = 10
+) -> tuple[DigitsSplit, list[npt.NDArray[np.int64]]]:
+    """The data and each peer's training indices for run ``seed``: every model
+    family trained from the same seed (plain, HE-ready) sees the same partition."""
+    data = split if split is not None else load_digits_split()
+    rng = np.random.default_rng(derive_seed(seed, _PARTITION_KEY))
+    return data, dirichlet_partition(data.y_train, n_peers, alpha, rng, min_size=min_size)
+
+
+def peer_seed(seed: int, peer: int) -> int:
+    """The training seed of peer number ``peer`` in run ``seed``."""
+    return derive_seed(seed, _PEER_KEY, peer)
+
+
+def pooled_seed(seed: int) -> int:
+    """The training seed of run ``seed``'s pooled-data model."""
+    return derive_seed(seed, _POOLED_KEY)
+
+
 def train_peer_models(
     n_peers: int,
     alpha: float,
@@ -336,9 +356,7 @@ def train_peer_models(
     peer's training (its own torch generator). ``on_progress(done, total)``
     counts epochs over all peers (total = n_peers * epochs).
     """
-    data = split if split is not None else load_digits_split()
-    rng = np.random.default_rng(derive_seed(seed, _PARTITION_KEY))
-    parts = dirichlet_partition(data.y_train, n_peers, alpha, rng, min_size=min_size)
+    data, parts = peer_partition(n_peers, alpha, seed, split, min_size)
     total = n_peers * epochs
     models: list[OwnerModel] = []
     for i, idx in enumerate(parts):
@@ -357,7 +375,7 @@ def train_peer_models(
                 lr=lr,
                 weight_decay=weight_decay,
                 bandwidth=bandwidth,
-                seed=derive_seed(seed, _PEER_KEY, i),
+                seed=peer_seed(seed, i),
                 on_progress=peer_progress,
             )
         )
@@ -388,6 +406,6 @@ def train_pooled(
         lr=lr,
         weight_decay=weight_decay,
         bandwidth=bandwidth,
-        seed=derive_seed(seed, _POOLED_KEY),
+        seed=pooled_seed(seed),
         on_progress=on_progress,
     )
