@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.28;
 
+import {Signatures} from "./Signatures.sol";
+
 /// @title PeerRegistry: binds an Ethereum account to a peer's Ed25519 and X25519 keys
 /// @notice Theory of operation.
 ///
@@ -50,8 +52,6 @@ contract PeerRegistry {
     );
     bytes32 private constant NAME_HASH = keccak256("fi-peer PeerRegistry");
     bytes32 private constant VERSION_HASH = keccak256("1");
-    uint256 private constant HALF_ORDER =
-        0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     /// @notice Wei slashed and kept by the registry (burned) so far.
     uint256 public burned;
@@ -184,8 +184,10 @@ contract PeerRegistry {
         bytes calldata signatureB
     ) external nonReentrant {
         if (commitmentA == commitmentB) revert NotEquivocation();
-        address signerA = _recover(commitmentDigest(querier, queryId, commitmentA), signatureA);
-        address signerB = _recover(commitmentDigest(querier, queryId, commitmentB), signatureB);
+        address signerA =
+            Signatures.recover(commitmentDigest(querier, queryId, commitmentA), signatureA);
+        address signerB =
+            Signatures.recover(commitmentDigest(querier, queryId, commitmentB), signatureB);
         if (member == address(0) || signerA != member || signerB != member) revert BadSignature();
         bytes32 evidence = keccak256(abi.encode(member, querier, queryId));
         if (_reported[evidence]) revert AlreadyReported();
@@ -237,19 +239,5 @@ contract PeerRegistry {
     function isActive(address account) external view returns (bool) {
         Peer storage peer = _peers[account];
         return peer.ed25519 != bytes32(0) && peer.stake >= minStake;
-    }
-
-    function _recover(bytes32 digest, bytes calldata signature) private pure returns (address) {
-        if (signature.length != 65) return address(0);
-        bytes32 r;
-        bytes32 s;
-        uint8 v;
-        assembly {
-            r := calldataload(signature.offset)
-            s := calldataload(add(signature.offset, 32))
-            v := byte(0, calldataload(add(signature.offset, 64)))
-        }
-        if (uint256(s) > HALF_ORDER || (v != 27 && v != 28)) return address(0);
-        return ecrecover(digest, v, r, s);
     }
 }

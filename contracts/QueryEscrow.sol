@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.28;
 
+import {Signatures} from "./Signatures.sol";
+
 /// @title QueryEscrow: pay-per-share escrow for fi-peer queries
 /// @notice Theory of operation.
 ///
@@ -50,9 +52,6 @@ contract QueryEscrow {
     uint256 private constant TAG_OPEN = 1 << 254;
     uint256 private constant TAG_HELD = 3 << 254;
     uint256 private constant TAG_MASK = 3 << 254;
-    /// secp256k1 order / 2: signatures with a larger s are malleable copies.
-    uint256 private constant HALF_ORDER =
-        0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     bytes32 public constant RECEIPT_TYPEHASH =
         keccak256("Receipt(bytes16 queryId,address member,uint256 amount)");
@@ -340,7 +339,7 @@ contract QueryEscrow {
         uint256 claimed = claims[terms.querier][queryId];
         if ((claimed >> i) & 1 == 1) revert AlreadyClaimed(queryId, member);
         if (amount == 0 || amount > terms.price) revert BadAmount(queryId, amount);
-        address signer = _recover(receiptDigest(queryId, member, amount), signature);
+        address signer = Signatures.recover(receiptDigest(queryId, member, amount), signature);
         if (signer == address(0) || signer != terms.querier) revert InvalidReceipt(queryId);
 
         claims[terms.querier][queryId] =
@@ -481,19 +480,6 @@ contract QueryEscrow {
         }
     }
 
-    function _recover(bytes32 digest, bytes calldata signature) private pure returns (address) {
-        if (signature.length != 65) return address(0);
-        bytes32 r;
-        bytes32 s;
-        uint8 v;
-        assembly {
-            r := calldataload(signature.offset)
-            s := calldataload(add(signature.offset, 32))
-            v := byte(0, calldataload(add(signature.offset, 64)))
-        }
-        if (uint256(s) > HALF_ORDER || (v != 27 && v != 28)) return address(0);
-        return ecrecover(digest, v, r, s);
-    }
 
     function _buildDomainSeparator() private view returns (bytes32) {
         return keccak256(
