@@ -94,8 +94,9 @@ def test_commitment_binds_every_field(committee: list[str], price: int, deadline
     variants = [
         make(committee, price=price % (2**128 - 1) + 1, deadline=deadline),
         make(committee, price=price, deadline=deadline % (2**64 - 1) + 1),
-        make([*committee, ADDRESSES[50]], price=price, deadline=deadline),
     ]
+    if len(committee) < 32:  # a 33rd member is refused by QueryTerms itself
+        variants.append(make([*committee, ADDRESSES[50]], price=price, deadline=deadline))
     for other in variants:
         if other != terms:
             assert other.commitment() != word

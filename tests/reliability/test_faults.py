@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from fi_peer.chain.anvil import AnvilChain, AnvilConfig, AnvilProcess, dev_accounts, free_port
+from fi_peer.chain.artifacts import load_artifact
 from fi_peer.chain.client import ChainClient, Deployment
 from fi_peer.control import ControlError
 from fi_peer.errors import FiPeerError
@@ -378,9 +379,9 @@ def test_every_escrowed_wei_went_to_exactly_one_place(env: Env) -> None:
             timeout=30,
             what="3 refunds",
         )
-        events = asyncio.run(_events(client, env.deployment))
-        balances = asyncio.run(_balances(client, accounts))
-        held = asyncio.run(client.eth_balance(env.deployment.escrow))
+        # one block for all three readings: members keep withdrawing, and a
+        # withdrawal mined between them would look like lost money
+        events, balances, held = asyncio.run(_snapshot(client, env.deployment, accounts))
     finally:
         asyncio.run(client.aclose())
 
@@ -426,9 +427,11 @@ def test_every_escrowed_wei_went_to_exactly_one_place(env: Env) -> None:
     assert refunded[orphan] == 0
 
 
-async def _events(client: ChainClient, deployment: Deployment) -> dict[str, list[Any]]:
+async def _events(
+    client: ChainClient, deployment: Deployment, block: int | str = "latest"
+) -> dict[str, list[Any]]:
     logs = await client.w3.eth.get_logs(
-        {"address": deployment.escrow, "fromBlock": deployment.block, "toBlock": "latest"}
+        {"address": deployment.escrow, "fromBlock": deployment.block, "toBlock": block}
     )
     out: dict[str, list[Any]] = defaultdict(list)
     for raw in logs:
@@ -438,5 +441,17 @@ async def _events(client: ChainClient, deployment: Deployment) -> dict[str, list
     return out
 
 
-async def _balances(client: ChainClient, accounts: list[str]) -> list[int]:
-    return [await client.balance(a) for a in accounts]
+async def _snapshot(
+    client: ChainClient, deployment: Deployment, accounts: list[str]
+) -> tuple[dict[str, list[Any]], list[int], int]:
+    """Escrow events, escrow balances of ``accounts`` and the escrow's ether, all
+    as of one block."""
+    block = await client.w3.eth.block_number
+    escrow = client.w3.eth.contract(
+        address=deployment.escrow, abi=load_artifact("QueryEscrow").abi_list()
+    )
+    balances = [
+        int(await escrow.functions.balanceOf(a).call(block_identifier=block)) for a in accounts
+    ]
+    held = int(await client.w3.eth.get_balance(deployment.escrow, block_identifier=block))
+    return await _events(client, deployment, block), balances, held
