@@ -5,7 +5,7 @@ querier, which also contributes its own vector, and 8 members) on one
 in-memory hub with zero latency and no loss, each with its own sqlite
 privacy ledger (unlimited limits, so nothing is refused) behind the real
 ``LedgerGuard``. Every query is the default private flow: secure aggregation
-(offers with per-query X25519 mask keys, key shares, relay, masked shares,
+(offers with per-query mask nonces, key shares, relay, masked shares,
 unmask, reveals) plus distributed DP noise at ε = 2, δ = 1e-5 on the
 ``soft`` rule. Models are cheap deterministic numpy maps (softmax of a fixed
 random linear layer over 64 inputs, 10 classes), so what is measured is the
@@ -26,7 +26,12 @@ compare across runs on a shared machine; the rate depends on what else runs.
 
 Run ``python -m benchmarks.throughput`` (``--help``); writes
 ``benchmarks/results/throughput.json`` with the rate, CPU per query, the
-outcome counts, every agent's metrics and the top costs.
+outcome counts, every agent's metrics and the top costs. ``--before DIR``
+(e.g. a ``git worktree`` of an older commit) first runs ``--rounds``
+alternating pairs, that tree then this one, each in its own process with the
+same settings, and records both rates, CPU per query, their ratios and the
+load average around each run (other work on the machine skews the rate far
+more than the CPU per query).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -143,8 +151,10 @@ def top_costs(session: Any, top: int = 20) -> dict[str, Any]:
         "sign ",
         "verify ",
         "crypto_scalarmult",
-        "mask_keypair",
-        "usable_public_key",
+        "pair_seed",
+        "prepare",
+        "reveal",
+        "masked_input",
         "seal_input",
         "open_input",
         "charge ",
@@ -276,6 +286,58 @@ async def run(
     return result
 
 
+def _one_run(tree: Path, queries: int, concurrency: int, seed: int) -> dict[str, Any]:
+    """One unprofiled run of ``tree``'s own benchmark in a fresh process."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        load0 = os.getloadavg()[0]
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.throughput", "--no-profile",
+             "--queries", str(queries), "--concurrency", str(concurrency),
+             "--seed", str(seed), "--out", out.name],
+            cwd=tree, check=True, stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+        )  # fmt: skip
+        load1 = os.getloadavg()[0]
+        r = json.loads(Path(out.name).read_text())
+    return {
+        "queries_per_s": r["queries_per_s"],
+        "cpu_per_query_ms": r["cpu_per_query_ms"],
+        "outcomes": r["outcomes"],
+        "p50_ms": r["latency_ms"]["p50"],
+        "load_avg_1min": [round(load0, 2), round(load1, 2)],
+    }
+
+
+def compare(before: Path, rounds: int, queries: int, concurrency: int, seed: int) -> dict[str, Any]:
+    """Alternate runs of ``before`` and of this tree; ratios are after / before."""
+    here = Path(__file__).resolve().parent.parent
+    rows = []
+    for _ in range(rounds):
+        b = _one_run(before.resolve(), queries, concurrency, seed)
+        a = _one_run(here, queries, concurrency, seed)
+        rows.append({
+            "before": b,
+            "after": a,
+            "rate_ratio": round(a["queries_per_s"] / max(b["queries_per_s"], 1e-9), 3),
+            "cpu_ratio": round(a["cpu_per_query_ms"] / max(b["cpu_per_query_ms"], 1e-9), 3),
+        })  # fmt: skip
+
+    def mean(side: str, key: str) -> float:
+        return round(sum(r[side][key] for r in rows) / len(rows), 2)
+
+    return {
+        "before_tree": str(before),
+        "rounds": rows,
+        "mean": {
+            side: {k: mean(side, k) for k in ("queries_per_s", "cpu_per_query_ms")}
+            for side in ("before", "after")
+        },
+        "mean_cpu_ratio": round(
+            mean("after", "cpu_per_query_ms") / mean("before", "cpu_per_query_ms"), 3
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=300)
@@ -294,7 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     p.add_argument("--profile-text", type=Path, default=None, help="also write pyinstrument's tree")
+    p.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. `git worktree add /tmp/tp-before HEAD`) to compare "
+        "with: alternating unprofiled runs of it and of this tree go first",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="before/after pairs with --before")
     a = p.parse_args(argv)
+    if a.before is not None and not (a.before / "benchmarks" / "throughput.py").is_file():
+        p.error(f"--before {a.before}: no benchmarks/throughput.py there")
+    before_after = (
+        None
+        if a.before is None
+        else compare(a.before, a.rounds, a.queries, a.concurrency, a.seed)
+    )
+    load_before = os.getloadavg()
     result = asyncio.run(
         run(
             a.queries,
@@ -323,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             "model": f"numpy softmax({INPUT_DIM} -> {N_CLASSES})",
         },
         "goal_queries_per_s": GOAL,
+        "load_avg_1_5_15_at_start": [round(x, 2) for x in load_before],
         **result,
     }
+    if before_after is not None:
+        report["before_after"] = before_after
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "profiled"}, indent=2))

@@ -24,10 +24,11 @@ import binascii
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings
 import nacl.encoding
 import nacl.exceptions
 import nacl.hash
@@ -69,6 +70,20 @@ class Identity:
 
     signing_key: nacl.signing.SigningKey
     box_key: nacl.public.PrivateKey
+    # Derived once (every envelope names its sender): public keys and the peer id.
+    _public: bytes = field(init=False, compare=False, repr=False)
+    _peer_id: str = field(init=False, compare=False, repr=False)
+    _box_public: bytes = field(init=False, compare=False, repr=False)
+    _sign_secret: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        public = bytes(self.signing_key.verify_key)
+        object.__setattr__(self, "_public", public)
+        object.__setattr__(self, "_peer_id", peer_id_from_public_key(public))
+        object.__setattr__(self, "_box_public", bytes(self.box_key.public_key))
+        # libsodium's 64-byte secret key (seed || public key), as SigningKey keeps it
+        _, secret = nacl.bindings.crypto_sign_seed_keypair(bytes(self.signing_key))
+        object.__setattr__(self, "_sign_secret", secret)
 
     @classmethod
     def generate(cls) -> Identity:
@@ -88,19 +103,20 @@ class Identity:
 
     @property
     def public_key(self) -> bytes:
-        return bytes(self.signing_key.verify_key)
+        return self._public
 
     @property
     def peer_id(self) -> str:
-        return peer_id_from_public_key(self.public_key)
+        return self._peer_id
 
     @property
     def box_public_key(self) -> bytes:
-        return bytes(self.box_key.public_key)
+        return self._box_public
 
     def sign(self, data: bytes) -> bytes:
-        """Detached 64-byte Ed25519 signature."""
-        return self.signing_key.sign(data).signature
+        """Detached 64-byte Ed25519 signature (what SigningKey.sign gives, minus its
+        wrapper objects: libsodium's signed message is signature || data)."""
+        return nacl.bindings.crypto_sign(data, self._sign_secret)[: nacl.bindings.crypto_sign_BYTES]
 
     def _secrets(self) -> bytes:
         return bytes(self.signing_key) + bytes(self.box_key)
@@ -110,9 +126,17 @@ class Identity:
 
 
 def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
-    """True when ``signature`` is a valid Ed25519 signature of ``data``."""
+    """True when ``signature`` is a valid Ed25519 signature of ``data``.
+
+    libsodium's check directly (VerifyKey.verify does the same, through wrapper
+    objects): it refuses non-canonical signatures and small-order public keys.
+    """
+    if type(public_key) is not bytes or len(public_key) != nacl.bindings.crypto_sign_PUBLICKEYBYTES:
+        return False
+    if type(signature) is not bytes or len(signature) != nacl.bindings.crypto_sign_BYTES:
+        return False
     try:
-        nacl.signing.VerifyKey(public_key).verify(data, signature)
+        nacl.bindings.crypto_sign_open(signature + bytes(data), public_key)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError, TypeError):
         return False
     return True

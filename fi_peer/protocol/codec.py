@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from functools import cache
 from typing import Any, TypeVar, cast
 
@@ -32,6 +34,18 @@ MAX_STR = 1024
 MAX_BYTES = 1 << 20
 MAX_ITEMS = 1024
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+# True while the decoders below build dataclasses from values whose wire types they
+# have already checked field by field (exact types, bounds): a dataclass' own
+# validation may then skip its type checks (messages._typed does) and keep only its
+# value checks. Per thread/context, so an object built by hand meanwhile elsewhere
+# is still checked in full.
+_TYPES_CHECKED: ContextVar[bool] = ContextVar("fi_peer_codec_types_checked", default=False)
+
+
+def types_checked() -> bool:
+    """Whether the dataclass now being built comes from this codec's typed decoders."""
+    return _TYPES_CHECKED.get()
 
 
 @cache
@@ -199,10 +213,13 @@ def from_wire(cls: type[T], raw: Any, path: str = "") -> T:
     is decoded again by the explained ones, which raise the same refusal with
     the path of the offending field (``Accept.committee[2].box_key: ...``).
     """
+    token = _TYPES_CHECKED.set(True)
     try:
         return _fast_from_wire(cls, raw)
     except MalformedMessage:
         pass
+    finally:
+        _TYPES_CHECKED.reset(token)
     return _from_wire_explained(cls, raw, path)
 
 
@@ -227,21 +244,37 @@ def _from_wire_explained(cls: type[T], raw: Any, path: str = "") -> T:
 _last_tuple: tuple[Any, Any] = ((), [])
 
 
+@cache
+def _getter(cls: Any) -> Callable[[Any], tuple[Any, ...]] | None:
+    """The field values of a message dataclass as a tuple (declaration order), in
+    one C call; None for any other type."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    names = [name for name, _ in _fields(cls)]
+    if len(names) == 1:
+        one = operator.attrgetter(names[0])
+        return lambda value: (one(value),)
+    return operator.attrgetter(*names)
+
+
 def _pack_wire(value: Any) -> Any:
     """:func:`to_wire` for :func:`pack`, reusing a repeated tuple of messages."""
     global _last_tuple
     tp = type(value)
     if tp in _SCALARS:
         return value
-    if tp is tuple and value and dataclasses.is_dataclass(value[0]):
-        last = _last_tuple
-        if last[0] is value:
-            return last[1]
-        wire = [to_wire(v) for v in value]
-        _last_tuple = (value, wire)
-        return wire
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [_pack_wire(getattr(value, name)) for name, _ in _fields(type(value))]
+    if tp is tuple:
+        if value and _getter(cast(Hashable, type(value[0]))) is not None:
+            last = _last_tuple
+            if last[0] is value:
+                return last[1]
+            wire = [to_wire(v) for v in value]
+            _last_tuple = (value, wire)
+            return wire
+        return [v if type(v) in _SCALARS else _pack_wire(v) for v in value]
+    getter = _getter(cast(Hashable, tp))
+    if getter is not None:
+        return [v if type(v) in _SCALARS else _pack_wire(v) for v in getter(value)]
     return to_wire(value)
 
 

@@ -219,7 +219,8 @@ def _parse(data: bytes) -> tuple[int, str, bytes, int, bytes, bytes, bytes]:
         raise MalformedMessage(f"envelope sig must be {SIG_LEN} bytes ({MAC_LEN}: a MAC)")
     # The signature covers the values, not these bytes: without this check one signed
     # envelope would have many spellings (e.g. ts_ms as int32 instead of uint32).
-    if codec.pack(raw) != data:
+    # Seven scalars: msgpack packs them as codec.pack would, without its walk.
+    if _packb(raw) != data:
         raise MalformedMessage("non-canonical envelope encoding")
     return v, kind, sender, ts_ms, nonce, body, sig
 
@@ -231,6 +232,14 @@ class ReplayGuard:
     older envelopes are rejected as stale before the guard is asked. Memory is
     bounded per sender; a sender that fills its allowance inside one window is
     rate limited rather than allowed to evict nonces (which would reopen replays).
+
+    Each sender's nonces are kept in arrival order (a dict is ordered), so
+    pruning pops expired entries from the front and stops at the first one still
+    inside the window: O(expired), not O(remembered) at every heartbeat. A
+    nonce whose timestamp is older than one that arrived before it (the
+    sender's clock stepped back, or an earlier one was stamped ahead) waits
+    until those ahead of it expire: kept longer, never dropped early, so no
+    replay gets through; at the sender's limit every expired entry goes.
     """
 
     def __init__(self, window_ms: int, max_per_sender: int) -> None:
@@ -239,26 +248,41 @@ class ReplayGuard:
         self._seen: dict[str, dict[bytes, int]] = {}
 
     def check_and_record(self, sender: str, nonce: bytes, ts_ms: int, now_ms: int) -> None:
-        seen = self._seen.setdefault(sender, {})
-        if nonce in seen:
+        seen = self._seen.get(sender)
+        if seen is None:
+            seen = self._seen[sender] = {}
+        elif nonce in seen:
             raise ReplayedMessage("nonce already seen from this sender")
         if len(seen) >= self.max_per_sender:
-            self._prune_sender(sender, now_ms)
+            self._prune_all(seen, now_ms)
             if len(seen) >= self.max_per_sender:
                 raise RateLimited("too many messages from this sender inside the window")
         seen[nonce] = ts_ms
 
-    def _prune_sender(self, sender: str, now_ms: int) -> None:
+    def _prune_all(self, seen: dict[bytes, int], now_ms: int) -> None:
+        """At the limit only: every expired entry, also those behind a younger one."""
         horizon = now_ms - self.window_ms
-        seen = self._seen[sender]
         for nonce in [n for n, ts in seen.items() if ts < horizon]:
             del seen[nonce]
 
+    @staticmethod
+    def _prune_front(seen: dict[bytes, int], horizon: int) -> None:
+        """Drop the expired entries at the front (oldest arrivals first)."""
+        expired = []
+        for nonce, ts in seen.items():
+            if ts >= horizon:
+                break
+            expired.append(nonce)
+        for nonce in expired:
+            del seen[nonce]
+
     def prune(self, now_ms: int) -> None:
-        """Forget everything that can no longer pass the time window."""
+        """Forget what can no longer pass the time window (front-first; see the class)."""
+        horizon = now_ms - self.window_ms
         for sender in list(self._seen):
-            self._prune_sender(sender, now_ms)
-            if not self._seen[sender]:
+            seen = self._seen[sender]
+            self._prune_front(seen, horizon)
+            if not seen:
                 del self._seen[sender]
 
     def __len__(self) -> int:

@@ -11,11 +11,13 @@ bytes; peer ids are the 64-char hex of an Ed25519 key.
 
 Secure aggregation (fi_peer.privacy.secagg) adds four kinds to the flow of
 DESIGN.md steps 4-7: ``KeyShares`` (member -> querier: Shamir shares of its
-self-mask seed and mask key, encrypted to each other member), ``KeyRelay``
-(querier -> member: U1 and the ciphertexts addressed to it), ``Unmask``
-(querier -> survivor: who survived, who dropped) and ``Reveal`` (survivor ->
-querier: the shares that request asks for). Members are named by their index
-in the Accept's committee.
+self-mask seed, encrypted to each other member), ``KeyRelay`` (querier ->
+member: U1 and the ciphertexts addressed to it), ``Unmask`` (querier ->
+survivor: who survived, who dropped) and ``Reveal`` (survivor -> querier: the
+seed shares and pair seeds that request asks for). Members are named by their
+index in the Accept's committee. The ``mask_key`` fields of Offer and Member
+carry the member's fresh 32-byte per-query mask nonce (no longer an X25519
+key: see secagg's "Deviation from DESIGN.md"); the name is kept on the wire.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, ClassVar
 
-from fi_peer.privacy.secagg import CIPHERTEXT_LEN, COMMIT_LEN, TAG_LEN
+from fi_peer.privacy.secagg import CIPHERTEXT_LEN, COMMIT_LEN, SEED_LEN, TAG_LEN
 from fi_peer.privacy.shamir import SHARE_LEN
+from fi_peer.protocol.codec import types_checked
 from fi_peer.protocol.he_messages import HE_MESSAGE_TYPES, HEMessage
 from fi_peer.protocol.payment import SIGNATURE_LEN, is_eth_address
 
@@ -63,8 +67,9 @@ def _type_check(tp: Any) -> TypeCheck:
         return lambda v: isinstance(v, tp)
     if typing.get_origin(tp) is tuple:
         item_tp = typing.get_args(tp)[0]
-        if item_tp in (str, bytes):
-            return lambda v: isinstance(v, tuple) and all(isinstance(i, item_tp) for i in v)
+        if item_tp in (str, bytes) or (isinstance(item_tp, type) and item_tp not in (int, bool)):
+            # isinstance per item, in C (no Python-level generator)
+            return lambda v: isinstance(v, tuple) and all(map(isinstance, v, repeat(item_tp)))
         item = _type_check(item_tp)
         return lambda v: isinstance(v, tuple) and all(item(i) for i in v)
     return lambda v: isinstance(v, tp)
@@ -84,6 +89,10 @@ def _field_checks(cls: type) -> tuple[tuple[str, TypeCheck], ...]:
 
 
 def _typed(obj: object) -> None:
+    """Every field has its wire type. Skipped for an object the codec is decoding:
+    its typed decoders checked exactly that already (stricter: bounds, finiteness)."""
+    if types_checked():
+        return
     for name, check in _field_checks(type(obj)):
         if not check(getattr(obj, name)):
             raise ValueError(f"{name} has the wrong type")
@@ -136,7 +145,7 @@ def _indices(value: tuple[int, ...], what: str, min_items: int = 0) -> None:
 def _blobs(value: tuple[bytes, ...], size: int, what: str) -> None:
     if len(value) > MAX_K:
         raise ValueError(f"{what}: too many items")
-    if any(len(b) != size for b in value):
+    if value and set(map(len, value)) != {size}:
         raise ValueError(f"{what}: items must be {size} bytes")
 
 
@@ -244,7 +253,7 @@ class Offer:
     price_wei: int
     box_key: bytes
     expected_latency_ms: int
-    # this query's X25519 mask public key (secure aggregation); empty in plaintext mode
+    # this query's mask nonce (secure aggregation, secagg.mask_nonce); empty in plaintext mode
     mask_key: bytes = b""
     # the account this member is paid to (empty when it is not paid on chain)
     eth_address: str = ""
@@ -334,9 +343,9 @@ class Decline:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyShares:
-    """Member -> querier, right after Accept: Shamir shares of my self-mask seed and
-    mask key, one ciphertext per other committee member (committee order, me
-    skipped), each sealed to that member; and my commitment to the seed."""
+    """Member -> querier, right after Accept: Shamir shares of my self-mask seed,
+    one ciphertext per other committee member (committee order, me skipped),
+    each sealed to that member; and my commitment to the seed."""
 
     KIND: ClassVar[str] = "key_shares"
     MAX_ENVELOPE: ClassVar[int] = MAX_K * (CIPHERTEXT_LEN + 3) + 1024
@@ -406,7 +415,7 @@ class Share:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Unmask:
     """Querier -> each survivor: reveal your shares of the self-mask seeds of
-    ``survivors`` and of the mask keys of ``dropped`` (disjoint; together U1).
+    ``survivors`` and your pair seeds with ``dropped`` (disjoint; together U1).
     ``view_tags``: each other survivor's view tag for the recipient, in
     ``survivors`` order."""
 
@@ -431,22 +440,23 @@ class Unmask:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reveal:
-    """Survivor -> querier: the shares an Unmask asked for, in its order."""
+    """Survivor -> querier: what an Unmask asked for, in its order: shares of the
+    survivors' self-mask seeds, and this survivor's pair seeds with the dropped."""
 
     KIND: ClassVar[str] = "reveal"
     MAX_ENVELOPE: ClassVar[int] = MAX_K * (SHARE_LEN + 2) + 1024
 
     query_id: bytes
     seed_shares: tuple[bytes, ...]
-    key_shares: tuple[bytes, ...]
+    pair_seeds: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         _typed(self)
         _query_id(self.query_id)
         _blobs(self.seed_shares, SHARE_LEN, "seed_shares")
-        _blobs(self.key_shares, SHARE_LEN, "key_shares")
+        _blobs(self.pair_seeds, SEED_LEN, "pair_seeds")
         _require(len(self.seed_shares) >= 1, "a survivor reveals at least its own seed share")
-        _require(len(self.seed_shares) + len(self.key_shares) <= MAX_K, "too many shares")
+        _require(len(self.seed_shares) + len(self.pair_seeds) <= MAX_K, "too many shares")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

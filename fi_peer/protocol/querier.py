@@ -13,7 +13,7 @@ Theory of operation::
     ANSWERS --all shares / deadline, plaintext (>= t)-----------> DONE
     ANSWERS --all masked shares / shares timer, secagg (>= t)---> UNMASK
     ANSWERS --< t shares / too many declines--------------------> FAILED
-    UNMASK --t reveals (sum rebuilt; own vector in or deadline)-> DONE
+    UNMASK --t reveals, all if any dropped (sum rebuilt; own vector in or deadline)-> DONE
     UNMASK --deadline with < t reveals / refusals / bad reveal---> FAILED
 
 The querier gossips a QueryRequest (no input) and takes the first ``k`` Offers
@@ -22,7 +22,7 @@ closes first, it takes those it has, provided there are ``min_committee``. Late
 offers are told ``not_selected`` so the peer frees the capacity it reserved.
 Choosing by reputation comes with the incentives work; today the price cap is
 the filter and arrival order (the fastest peers) the choice. Each member gets
-an Accept with the committee (long-term and per-query mask keys), the
+an Accept with the committee (long-term keys and per-query mask nonces), the
 threshold ``t`` (a strict majority), the noise scale and the input sealed to
 it alone. Each Share is acknowledged with a Receipt.
 
@@ -31,14 +31,18 @@ shares arrive while their models run; when all are in, or at the keys timer
 with at least ``t``, the querier relays to each member of U1 the ciphertexts
 addressed to it (members left out are told ``excluded``). Masked shares are
 collected until all of U1 answered or the shares timer; then each survivor
-is asked to Unmask and the sum is rebuilt from the first ``t`` Reveals. The
+is asked to Unmask (the first ``t + unmask_spares`` of them when no one dropped,
+the rest after a refusal or a grace) and the sum is rebuilt from the first
+``t`` Reveals (from
+every survivor's when a member dropped since the relay: only a survivor can
+give its pair seed with the dropped; more than ``t - 2`` dropped fails). The
 time budget is split so every round has its own timer and all end by the
 deadline: keys at most ``keys_window_ms`` (and half of what precedes the
-unmask reserve), unmask at most ``unmask_window_ms`` (and a quarter of the
-time left at Accept). With fewer than ``t`` at any round the query fails with
-a reason, so no query can hang. The result is the sum of the contributions
-(plus the querier's own vector when ``include_self``, added in the clear: it
-is the querier's own).
+unmask reserve; a grace after the ``t``-th key shares), unmask at most
+``unmask_window_ms`` (and a quarter of the time left at Accept). With fewer
+than ``t`` at any round the query fails with a reason, so no query can hang.
+The result is the sum of the contributions (plus the querier's own vector
+when ``include_self``, added in the clear: it is the querier's own).
 
 Paid queries (a ``Payments`` object given and a non-zero price; see
 payment.py): offers must name distinct Ethereum addresses; the committee is
@@ -256,10 +260,22 @@ class QuerierConfig:
     include_self: bool = True
     # Secure aggregation (members refuse plaintext queries unless their owner opts in).
     secure_aggregation: bool = True
-    # Longest wait for the last key shares once the committee is chosen.
-    keys_window_ms: int = 1000
+    # Key round (secagg), from the moment the Accepts leave: wait for every member's
+    # key shares for at most ``keys_window_ms`` (never more than half of the time
+    # before the unmask reserve); once ``t`` are in, wait only a grace for the rest:
+    # ``keys_grace_ms`` or half of what the first ``t`` took, whichever is longer
+    # (adapts to a loaded network). A fixed 1 s window failed ~40 % of the queries
+    # with too_few_key_shares under load (benchmarks/load.py).
+    keys_window_ms: int = 4000
+    keys_grace_ms: int = 200
     # Time kept for the unmask round at the end of the time budget.
     unmask_window_ms: int = 1000
+    # Unmask requests go to the first ``t + unmask_spares`` survivors (by share
+    # arrival) when no member dropped, as any ``t`` reveals rebuild the sum; the
+    # rest are asked at once on a refusal, or ``unmask_grace_ms`` later if the
+    # sum is not rebuilt by then. With a dropped member every survivor is asked.
+    unmask_spares: int = 1
+    unmask_grace_ms: int = 200
 
     def threshold(self, committee_size: int) -> int:
         """Shares needed for a result: a strict majority of the committee."""
@@ -295,6 +311,7 @@ class QuerySession:
         self.shares: dict[str, fixedpoint.Words] = {}
         self.declined: set[str] = set()  # gave up before answering (Decline)
         self.refused: set[str] = set()  # refused to reveal (secagg)
+        self.unmask_pending: list[int] = []  # survivors not asked to reveal yet
         self.notified: set[str] = set()
         self.local: fixedpoint.Words | None = None
         self.local_pending = config.include_self
@@ -306,6 +323,7 @@ class QuerySession:
         self.escrow: EscrowTerms | None = None  # set once the committee is chosen (paid)
         self.escrow_open = False
         self.prices: dict[str, int] = {}
+        self.keys_round = (0, 0)  # (Accepts sent, keys timer at most), ms: _send_accepts
 
     @property
     def paid_mode(self) -> bool:
@@ -380,10 +398,8 @@ class QuerySession:
         if offer.price_wei > self.request.max_price_wei:
             raise UnexpectedMessage("offer above the maximum price")
         if (len(offer.mask_key) > 0) != self.secagg:
-            raise UnexpectedMessage("offer without a mask key for secure aggregation (or one)")
-        if not _usable_box_key(offer.box_key) or (
-            self.secagg and not secagg.usable_public_key(offer.mask_key)
-        ):
+            raise UnexpectedMessage("offer without a mask nonce for secure aggregation (or one)")
+        if not _usable_box_key(offer.box_key):
             raise UnexpectedMessage("offer with a key X25519 cannot use")
         if self.paid_mode:
             check_offer_address(offer.eth_address, (o.eth_address for o in self.offers.values()))
@@ -465,6 +481,7 @@ class QuerySession:
             unmask_window = min(self.config.unmask_window_ms, (deadline - now_ms) // 4)
             shares_end = deadline - unmask_window
             keys_end = now_ms + min(self.config.keys_window_ms, (shares_end - now_ms) // 2)
+            self.keys_round = (now_ms, keys_end)
             effects += [
                 SetTimer(self.keys_timer, keys_end),
                 SetTimer(self.shares_timer, shares_end),
@@ -503,7 +520,17 @@ class QuerySession:
             agg.add_key_shares(self.index[sender], shares.ciphertexts, shares.commitment)
         except secagg.SecAggError as exc:
             raise UnexpectedMessage(f"bad key shares: {exc}") from exc
-        return self._relay(now_ms) if self._all_keyed() else []
+        if self._all_keyed():
+            return self._relay(now_ms)
+        return self._keys_grace(now_ms)
+
+    def _keys_grace(self, now_ms: int) -> list[Effect]:
+        """With exactly ``t`` key shares in, move the keys timer up to the grace."""
+        if len(self._keyed() - self.declined) != self.threshold:
+            return []
+        opened, keys_end = self.keys_round
+        grace = max(self.config.keys_grace_ms, (now_ms - opened) // 2)
+        return [SetTimer(self.keys_timer, min(keys_end, now_ms + grace))]
 
     def _keyed(self) -> set[str]:
         assert self.aggregator is not None
@@ -640,6 +667,8 @@ class QuerySession:
     def on_shares_timer(self, now_ms: int) -> list[Effect]:
         if self.state is QState.ANSWERS and self.aggregator is not None:
             return self._start_unmask(now_ms)
+        if self.state is QState.UNMASK and self.masked_total is None:
+            return self._unmask_the_rest(now_ms)  # the first ones were too slow
         return []
 
     def on_deadline(self, now_ms: int) -> list[Effect]:
@@ -675,27 +704,48 @@ class QuerySession:
         if len(self.shares) < self.threshold:
             self._goto(QEvent.TOO_FEW_ANSWERS)
             return self._fail(f"too_few_shares_{len(self.shares)}_of_{self.threshold}", now_ms)
-        survivors, dropped = agg.fix_survivors()
+        try:
+            survivors, dropped = agg.fix_survivors()
+        except secagg.SecAggError as exc:  # more dropped than members would reveal for
+            self._goto(QEvent.TOO_FEW_ANSWERS)
+            return self._fail(exc.reason, now_ms)
         self._goto(QEvent.SHARES_IN)
+        # fastest first: self.shares is in arrival order
+        order = [i for i in (self.index[p] for p in self.shares) if i in survivors]
+        first = len(order)
         effects: list[Effect] = []
-        for s in survivors:
-            unmask = Unmask(
-                query_id=self.query_id,
-                survivors=survivors,
-                dropped=dropped,
-                view_tags=agg.tags_for(s),
-            )
-            effects.append(self._send(self.committee[s].peer_id, unmask, now_ms))
+        grace_end = now_ms + self.config.unmask_grace_ms
+        if not dropped and grace_end < self.request.deadline_ms:
+            first = min(first, self.threshold + max(0, self.config.unmask_spares))
+        if first < len(order):
+            self.unmask_pending = order[first:]
+            effects.append(SetTimer(self.shares_timer, grace_end))  # -> on_shares_timer
+        effects += [self._unmask(s, now_ms) for s in order[:first]]
         return effects
+
+    def _unmask(self, s: int, now_ms: int) -> Effect:
+        agg = self.aggregator
+        assert agg is not None and agg.survivors is not None
+        unmask = Unmask(
+            query_id=self.query_id,
+            survivors=agg.survivors,
+            dropped=agg.dropped,
+            view_tags=agg.tags_for(s),
+        )
+        return self._send(self.committee[s].peer_id, unmask, now_ms)
+
+    def _unmask_the_rest(self, now_ms: int) -> list[Effect]:
+        pending, self.unmask_pending = self.unmask_pending, []
+        return [self._unmask(s, now_ms) for s in pending]
 
     def on_reveal(self, sender: str, reveal: Reveal, now_ms: int) -> list[Effect]:
         agg = self.aggregator
         if self.state is not QState.UNMASK or agg is None or not self._member(sender):
             raise UnexpectedMessage("reveal outside the unmask round or from a non-member")
-        if sender in self.refused:
-            raise UnexpectedMessage("reveal after a refusal")
+        if sender in self.refused or self.index[sender] in self.unmask_pending:
+            raise UnexpectedMessage("reveal after a refusal, or before being asked")
         try:
-            agg.add_reveal(self.index[sender], reveal.seed_shares, reveal.key_shares)
+            agg.add_reveal(self.index[sender], reveal.seed_shares, reveal.pair_seeds)
         except secagg.SecAggError as exc:
             raise UnexpectedMessage(f"bad reveal: {exc}") from exc
         if self.masked_total is not None or not agg.ready:
@@ -718,13 +768,16 @@ class QuerySession:
         agg = self.aggregator
         assert agg is not None and agg.survivors is not None
         index = self.index[sender]
-        if index not in agg.survivors or index in agg.revealed or sender in self.refused:
+        asked = index in agg.survivors and index not in self.unmask_pending
+        if not asked or index in agg.revealed or sender in self.refused:
             raise UnexpectedMessage("refusal from a member not asked to reveal")
         self.refused.add(sender)
-        if self.masked_total is None and len(agg.survivors) - len(self.refused) < self.threshold:
+        # with dropped members every survivor's pair seeds are needed: one refusal ends it
+        short = agg.needs_every_survivor or len(agg.survivors) - len(self.refused) < self.threshold
+        if self.masked_total is None and short:
             self._goto(QEvent.UNMASK_FAILED)
             return self._fail(f"reveals_refused_{len(self.refused)}", now_ms)
-        return []
+        return [] if self.masked_total is not None else self._unmask_the_rest(now_ms)
 
     # -- endings --------------------------------------------------------------
     def _notify(self, result: Result, now_ms: int) -> list[Effect]:

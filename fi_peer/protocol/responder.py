@@ -2,7 +2,7 @@
 
 Theory of operation::
 
-    (request seen) --offer (fresh mask key)--> OFFERED
+    (request seen) --offer (fresh mask nonce)--> OFFERED
     OFFERED --accept, paid (VerifyEscrow)--> VERIFYING
     VERIFYING --escrow verified: as OFFERED on accept--> EVALUATING / KEYED
     OFFERED --accept, plaintext--> EVALUATING --evaluated--> CHARGING
@@ -15,7 +15,7 @@ Theory of operation::
 
 A member offers on a QueryRequest it can serve (task, shape, rule, price,
 free capacity, mode) and can afford (its PrivacyGuard; a refusal is a
-Decline with the reason), with a fresh per-query X25519 mask key. It then
+Decline with the reason), with a fresh per-query mask nonce. It then
 accepts only an Accept from that same querier that lists it with its own
 keys, whose other members' long-term keys match their signed announcements
 (when known), with a strict-majority threshold (``2t > n``, which secure
@@ -144,8 +144,7 @@ class MemberSession:
     request: QueryRequest
     state: RState
     price_wei: int
-    mask_secret: bytes = b""
-    mask_key: bytes = b""
+    mask_key: bytes = b""  # this query's mask nonce (secagg.mask_nonce)
     accept: Accept | None = None
     masking: secagg.MaskingMember | None = None
     words: fixedpoint.Words | None = None  # noisy fixed-point vector, before masking
@@ -378,7 +377,7 @@ class Responder(MemberSide):
             return self._decline(key, refusal, now_ms)
         session = MemberSession(sender, request, RState.OFFERED, self.config.price_wei)
         if request.secagg:
-            session.mask_secret, session.mask_key = secagg.mask_keypair()
+            session.mask_key = secagg.mask_nonce()
         self.sessions[key] = session
         offer = Offer(
             query_id=request.query_id,
@@ -420,7 +419,7 @@ class Responder(MemberSide):
         if me is None or me.box_key != self.identity.box_public_key:
             raise UnexpectedMessage("accept does not list this peer with its key")
         if me.mask_key != session.mask_key:
-            raise UnexpectedMessage("accept does not list this peer with its mask key")
+            raise UnexpectedMessage("accept does not list this peer with its mask nonce")
         if accept.price_wei < session.price_wei:
             raise UnexpectedMessage("accept below the offered price")
         x = open_input(
@@ -483,14 +482,13 @@ class Responder(MemberSide):
                 committee=committee,
                 index=mine[0],
                 threshold=accept.threshold,
-                mask_secret=session.mask_secret,
+                mask_nonce=session.mask_key,
                 channels=channels,
-                mask_public=session.mask_key,  # from mask_keypair(): no X25519 to recheck
             )
             ciphertexts, commitment = session.masking.key_shares()
         except secagg.SecAggError as exc:
             return self._decline(key, exc.reason, now_ms)
-        except ValueError:  # a committee secagg cannot work with (e.g. duplicate mask keys)
+        except ValueError:  # a committee secagg cannot work with
             return self._decline(key, "bad_committee", now_ms)
         session.goto(REvent.ACCEPT_SECAGG)
         shares = KeyShares(
@@ -534,7 +532,7 @@ class Responder(MemberSide):
         session.words = words
         session.goto(REvent.EVALUATED)
         if session.state is RState.HAVE_VECTOR and session.masking is not None:
-            # The relay is still on its way: do the X25519 agreements now, for the
+            # The relay is still on its way: derive the pair seeds now, for the
             # whole committee (U1 is the committee unless someone dropped).
             try:
                 session.masking.prepare()
@@ -675,7 +673,7 @@ class Responder(MemberSide):
         if session.masking is None:
             raise UnexpectedMessage("unmask for a plaintext query")
         try:
-            seeds, keys = session.masking.reveal(
+            shares, seeds = session.masking.reveal(
                 unmask.survivors, unmask.dropped, unmask.view_tags
             )
         except secagg.SecAggError as exc:
@@ -684,7 +682,7 @@ class Responder(MemberSide):
             decline = Decline(query_id=unmask.query_id, reason=f"refused_{exc.reason}")
             return [self._send(sender, decline, now_ms)]
         session.goto(REvent.UNMASK)
-        reveal = Reveal(query_id=unmask.query_id, seed_shares=seeds, key_shares=keys)
+        reveal = Reveal(query_id=unmask.query_id, seed_shares=shares, pair_seeds=seeds)
         return [self._send(sender, reveal, now_ms)]
 
     def on_receipt(self, sender: str, receipt: Receipt, now_ms: int) -> list[Effect]:

@@ -139,7 +139,7 @@ def template(kind: str, query_id: bytes, task: str = "digits") -> Any:
         "unmask": Unmask(
             query_id=query_id, survivors=(0, 1), dropped=(), view_tags=(b"\x00" * TAG_LEN,)
         ),
-        "reveal": Reveal(query_id=query_id, seed_shares=(b"\x00" * SHARE_LEN,), key_shares=()),
+        "reveal": Reveal(query_id=query_id, seed_shares=(b"\x00" * SHARE_LEN,), pair_seeds=()),
         "receipt": Receipt(query_id=query_id, member=peer, share_digest=b"\x00" * 32, price_wei=0),
         "result": Result(query_id=query_id, ok=True, contributors=(peer,)),
         "open_request": OpenRequest(query_id=query_id),

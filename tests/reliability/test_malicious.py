@@ -214,7 +214,7 @@ async def test_reveal_out_of_the_field_is_rejected_and_the_others_unmask(net: Ne
             reveal = Reveal(
                 query_id=unmask.query_id,
                 seed_shares=(not_in_field,) * len(unmask.survivors),
-                key_shares=(not_in_field,) * len(unmask.dropped),
+                pair_seeds=(b"\x00" * 32,) * len(unmask.dropped),
             )
             return [responder._send(sender, reveal, now_ms)]
 

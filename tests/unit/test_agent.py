@@ -118,14 +118,15 @@ async def test_concurrent_queries_from_every_peer_all_end(five) -> None:
 
 async def test_failing_member_model_declines_and_query_still_answers() -> None:
     hub = MemoryHub(seed=4)
-    models = [ToyModel(0), ToyModel(1), ToyModel(2), ToyModel(3, broken=True)]
+    # k = 4, t = 3: secure aggregation lets t - 2 = 1 member drop after the relay
+    models = [ToyModel(0), ToyModel(1), ToyModel(2), ToyModel(3), ToyModel(4, broken=True)]
     agents = await start_agents(hub, models)
     try:
-        outcome = await agents[0].query(np.zeros(DIM), rule="vote", k=3, timeout_s=3)
+        outcome = await agents[0].query(np.zeros(DIM), rule="vote", k=4, timeout_s=3)
         assert outcome.ok
-        assert len(outcome.contributors) == 2  # the broken member declined
-        assert outcome.total is not None and outcome.total.sum() == 3.0
-        assert agents[3].metrics["evaluation.failed"] == 1
+        assert len(outcome.contributors) == 3  # the broken member declined
+        assert outcome.total is not None and outcome.total.sum() == 4.0
+        assert agents[4].metrics["evaluation.failed"] == 1
     finally:
         for agent in agents:
             await agent.aclose()

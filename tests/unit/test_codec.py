@@ -185,7 +185,7 @@ def reveals(draw: st.DrawFn) -> Reveal:
     return Reveal(
         query_id=draw(query_ids),
         seed_shares=tuple(draw(blob(SHARE_LEN)) for _ in range(n_seeds)),
-        key_shares=tuple(draw(blob(SHARE_LEN)) for _ in range(n - n_seeds)),
+        pair_seeds=tuple(draw(blob(32)) for _ in range(n - n_seeds)),
     )
 
 
@@ -313,7 +313,7 @@ def test_largest_valid_messages_fit_their_caps() -> None:
         Unmask(query_id=b"\xff" * 16, survivors=tuple(range(64)), dropped=(),
                view_tags=(b"\xff" * TAG_LEN,) * 63),
         Reveal(query_id=b"\xff" * 16, seed_shares=(b"\xff" * SHARE_LEN,) * 40,
-               key_shares=(b"\xff" * SHARE_LEN,) * 24),
+               pair_seeds=(b"\xff" * 32,) * 24),
         Receipt(query_id=b"\xff" * 16, member="f" * 64, share_digest=b"\xff" * 32,
                 price_wei=MAX_PRICE_WEI),
         Result(query_id=b"\xff" * 16, ok=False, contributors=tuple(f"{i:064x}" for i in range(64)),

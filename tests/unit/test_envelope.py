@@ -90,7 +90,7 @@ SAMPLES = [
     Share(query_id=b"q" * 16, vector=b"\x01" * 24, commitment=b"", view_tags=(b"t" * TAG_LEN,)),
     Unmask(query_id=b"q" * 16, survivors=(0, 2), dropped=(1,), view_tags=(b"t" * TAG_LEN,)),
     Reveal(query_id=b"q" * 16, seed_shares=(b"\x00" * SHARE_LEN,) * 2,
-           key_shares=(b"\x01" * SHARE_LEN,)),
+           pair_seeds=(b"\x01" * 32,)),
     Receipt(query_id=b"q" * 16, member=BOB.peer_id, share_digest=b"d" * 32, price_wei=7),
     Result(query_id=b"q" * 16, ok=True, contributors=(BOB.peer_id,)),
     Share(query_id=b"q" * 16, vector=b"\x01" * 24, commitment=b"c" * 32, commitment_sig=b"s" * 65),
@@ -617,6 +617,26 @@ def test_guard_prune_frees_memory() -> None:
     assert set(guard._seen) == {"d"}  # emptied senders are forgotten entirely
     guard.prune(NOW + 10_000)
     assert len(guard) == 0 and guard._seen == {}
+
+
+def test_guard_prune_never_drops_a_nonce_early_when_timestamps_arrive_out_of_order() -> None:
+    guard = ReplayGuard(window_ms=1000, max_per_sender=4)
+    guard.check_and_record("a", b"\x01" * 16, NOW + 600, NOW)  # stamped ahead
+    guard.check_and_record("a", b"\x02" * 16, NOW, NOW)  # older, arrived later
+    guard.check_and_record("a", b"\x03" * 16, NOW + 700, NOW)
+    guard.prune(NOW + 1001)  # b"\x02" could go, but waits behind b"\x01"
+    assert len(guard) == 3
+    for nonce, ts in ((b"\x01", NOW + 600), (b"\x03", NOW + 700)):
+        with pytest.raises(ReplayedMessage):  # inside the window: still refused
+            guard.check_and_record("a", nonce * 16, ts, NOW + 1001)
+    guard.prune(NOW + 1601)  # b"\x01" expired: b"\x02" behind it goes too
+    assert len(guard) == 1 and b"\x03" * 16 in guard._seen["a"]
+    # at the limit, every expired entry makes room, wherever it sits
+    guard.check_and_record("a", b"\x04" * 16, NOW + 2000, NOW + 1601)
+    guard.check_and_record("a", b"\x05" * 16, NOW + 650, NOW + 1601)
+    guard.check_and_record("a", b"\x06" * 16, NOW + 2000, NOW + 1601)
+    guard.check_and_record("a", b"\x07" * 16, NOW + 2000, NOW + 1701)  # both expired: room
+    assert set(guard._seen["a"]) == {n * 16 for n in (b"\x04", b"\x06", b"\x07")}
 
 
 def test_verifier_rate_limit_and_recovery() -> None:

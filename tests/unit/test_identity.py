@@ -112,6 +112,23 @@ def test_sign_and_verify(ident: Identity) -> None:
     assert not verify_signature(b"\x00" * 31, b"hello", sig)
     assert not verify_signature(ident.public_key, b"hello", sig[:63])
     assert not verify_signature(b"\xff" * 32, b"hello", sig)
+    assert not verify_signature("ab" * 16, b"hello", sig)  # type: ignore[arg-type]
+    assert not verify_signature(ident.public_key, b"hello", sig + b"\x00")
+    assert not verify_signature(b"\x00" * 32, b"hello", sig)  # small-order key
+
+
+def test_sign_and_keys_match_pynacl_s_own_objects(ident: Identity) -> None:
+    """The derived keys and the direct libsodium call give exactly what the
+    SigningKey/VerifyKey wrappers give (deterministic Ed25519)."""
+    assert ident.public_key == bytes(ident.signing_key.verify_key)
+    assert ident.box_public_key == bytes(ident.box_key.public_key)
+    assert ident.peer_id == bytes(ident.signing_key.verify_key).hex()
+    for data in (b"", b"hello", bytes(range(256)) * 8):
+        sig = ident.sign(data)
+        assert sig == ident.signing_key.sign(data).signature
+        ident.signing_key.verify_key.verify(data, sig)  # raises if not valid
+        assert verify_signature(ident.public_key, data, sig)
+    assert Identity.from_seed(b"x") == Identity.from_seed(b"x")
 
 
 def test_repr_never_shows_secrets(ident: Identity) -> None:

@@ -261,11 +261,13 @@ def test_offer_at_exactly_max_price_is_taken() -> None:
 
 
 def test_declining_member_leaves_enough_shares() -> None:
-    w = world(3, models=[model_for(0), None, model_for(2)])
-    out = done(w, w.submit(k=3))
+    # k = 4, t = 3: secure aggregation lets t - 2 = 1 member drop after the relay
+    # (secagg: k = 3 lets none; test_protocol_private covers that limit)
+    w = world(4, models=[model_for(0), None, model_for(2), model_for(3)])
+    out = done(w, w.submit(k=4))
     assert out.ok and out.elapsed_ms == 0  # a decline is an answer: no need to wait
-    answered = ids(w.members[0], w.members[2])
-    assert list(out.contributors) == answered and out.committee_size == 3
+    answered = ids(w.members[0], w.members[2], w.members[3])
+    assert list(out.contributors) == answered and out.committee_size == 4
     assert out.total is not None
     assert np.array_equal(out.total, w.expected(X, [w.querier.peer_id, *answered]))
     assert w.querier.metrics["accepted.decline"] == 1
@@ -285,18 +287,19 @@ def test_too_many_declines_fail_at_once_with_a_reason() -> None:
 @MODES
 def test_dropped_share_waits_for_the_deadline_then_ok(plaintext: bool) -> None:
     """Plaintext: the shares round lasts until the deadline; secagg: until the
-    unmask window before it (the unmask round then takes no time here)."""
-    w = world(3, plaintext=plaintext)
+    unmask window before it (the unmask round then takes no time here). k = 4:
+    secagg's t = 3 lets t - 2 = 1 member drop after the relay."""
+    w = world(4, plaintext=plaintext)
     silent = w.members[1].peer_id
     w.net.drop = Tap(hold=lambda src, dst, kind: src == silent and kind == "share")
-    qid = w.submit(k=3)
+    qid = w.submit(k=4)
     end = TIMEOUT if plaintext else TIMEOUT - UNMASK_WINDOW
     w.net.advance(end - 1)
     assert qid not in w.net.done
     w.net.advance(1)
     out = done(w, qid)
     assert out.ok and out.elapsed_ms == end
-    answered = ids(w.members[0], w.members[2])
+    answered = ids(w.members[0], w.members[2], w.members[3])
     assert list(out.contributors) == answered
     assert out.total is not None
     assert np.array_equal(out.total, w.expected(X, [w.querier.peer_id, *answered]))

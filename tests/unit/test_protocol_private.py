@@ -57,7 +57,11 @@ from tests.unit.test_protocol_flow import (
 )
 
 KEYS_WINDOW = QuerierConfig().keys_window_ms
+KEYS_GRACE = QuerierConfig().keys_grace_ms
 UNMASK_WINDOW = QuerierConfig().unmask_window_ms
+UNMASK_GRACE = QuerierConfig().unmask_grace_ms
+# the keys timer: the window, at most half of what precedes the unmask reserve
+KEYS_END = min(KEYS_WINDOW, (TIMEOUT - UNMASK_WINDOW) // 2)
 QUERIER = Identity.from_seed(b"querier")
 
 
@@ -103,7 +107,7 @@ def test_private_query_runs_every_round_and_sums_exactly() -> None:
         (unmask,) = [body(d, Unmask) for d in tap.of("unmask", dst=p)]
         assert unmask.survivors == (0, 1, 2, 3) and unmask.dropped == ()
         (reveal,) = [body(d, Reveal) for d in tap.of("reveal", src=p)]
-        assert len(reveal.seed_shares) == 4 and reveal.key_shares == ()
+        assert len(reveal.seed_shares) == 4 and reveal.pair_seeds == ()
         assert len(tap.of("receipt", dst=p)) == 1 and len(tap.of("result", dst=p)) == 1
         assert member.responder.sessions == {}
     # the key shares go out before the model answers, i.e. overlap it: each member's
@@ -129,6 +133,11 @@ def test_drops_at_each_round_keep_the_sum_exact(k: int, kind: str) -> None:
         qid = w.submit(k=k)
         w.net.advance(TIMEOUT + GRACE_MS)
         out = done(w, qid)
+        if kind == "share" and n_drop > t - 2:  # members reveal seeds for <= t - 2 dropped
+            assert not out.ok and out.reason == "too_many_dropped"
+            assert out.elapsed_ms == TIMEOUT - UNMASK_WINDOW
+            assert all(m.responder.sessions == {} for m in w.members)
+            continue
         assert out.ok, (kind, n_drop, out.reason)
         kept = ids(*w.members) if kind == "reveal" else sorted(set(ids(*w.members)) - gone)
         assert list(out.contributors) == kept
@@ -137,10 +146,14 @@ def test_drops_at_each_round_keep_the_sum_exact(k: int, kind: str) -> None:
         unmasks = [body(d, Unmask) for d in tap.of("unmask")]
         index = {m.peer_id: i for i, m in enumerate(body(tap.of("accept")[0], Accept).committee)}
         dropped = tuple(sorted(index[p] for p in gone)) if kind == "share" else ()
-        assert all(u.dropped == dropped for u in unmasks)  # mask keys of dropouts only
-        # timing: a missing key share waits for the keys timer, a missing masked
-        # share for the shares timer; a missing reveal costs nothing (t suffice)
-        expected_ms = {"key_shares": KEYS_WINDOW, "share": TIMEOUT - UNMASK_WINDOW, "reveal": 0}
+        assert all(u.dropped == dropped for u in unmasks)  # pair seeds with dropouts only
+        # timing: a missing key share waits for the keys grace (t are in at once), a
+        # missing masked share for the shares timer; the first t + 1 survivors (by
+        # share arrival) are asked to reveal: one of them missing costs nothing,
+        # two wait for the unmask grace, then the rest are asked
+        first = [src for src, _, kd, _ in tap.seen if kd == "share"][: t + 1]
+        expected_ms = {"key_shares": KEYS_GRACE, "share": TIMEOUT - UNMASK_WINDOW,
+                       "reveal": UNMASK_GRACE if len(gone & set(first)) > 1 else 0}
         assert out.elapsed_ms == (expected_ms[kind] if n_drop else 0)
         if kind == "key_shares":  # left out of U1: told at once, nothing kept
             for m in w.members[:n_drop]:
@@ -154,7 +167,7 @@ def test_drops_at_each_round_keep_the_sum_exact(k: int, kind: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "reason", "at_ms"),
     [
-        ("key_shares", "too_few_key_shares_1_of_2", KEYS_WINDOW),
+        ("key_shares", "too_few_key_shares_1_of_2", KEYS_END),
         ("share", "too_few_shares_1_of_2", TIMEOUT - UNMASK_WINDOW),
         ("reveal", "too_few_reveals_1_of_2", TIMEOUT),
     ],
@@ -177,13 +190,54 @@ def test_below_threshold_at_any_round_the_query_fails_cleanly(
     assert w.querier.queries == {}
 
 
+def test_a_dropped_member_and_a_silent_survivor_fail_the_query_cleanly() -> None:
+    """Once a member dropped before its masked share, every survivor's pair seed
+    with it is needed: one more survivor silent at the unmask fails the query."""
+    w = world(5)
+    dropped, silent = w.members[0].peer_id, w.members[1].peer_id
+    held = {(dropped, "share"), (silent, "reveal")}
+    w.net.drop = Tap(hold=lambda src, dst, kd: (src, kd) in held)
+    qid = w.submit(k=5)
+    w.net.advance(TIMEOUT + GRACE_MS)
+    out = done(w, qid)
+    assert not out.ok and out.reason == "too_few_reveals_3_of_3" and out.elapsed_ms == TIMEOUT
+    assert all(m.responder.sessions == {} for m in w.members)
+
+
 def test_late_reveals_are_counted_as_late_not_rejected() -> None:
     w = world(5)
     qid = w.submit(k=5)
     assert done(w, qid).ok
     m = w.querier.metrics
-    assert m["accepted.reveal"] == 3 and m["late.reveal"] == 2  # t = 3 suffice
+    # t + 1 = 4 of the 5 survivors are asked; t = 3 suffice
+    assert sum(p.metrics["accepted.unmask"] for p in w.members) == 4
+    assert m["accepted.reveal"] == 3 and m["late.reveal"] == 1
     assert not any(k.startswith("rejected.") for k in m)
+
+
+def test_a_refusal_has_the_survivors_not_asked_yet_asked_at_once() -> None:
+    w = world(5)
+    tap = Tap(hold=lambda src, dst, kd: kd == "unmask")
+    w.net.drop = tap
+    qid = w.submit(k=5)
+    start = w.net.now_ms
+    asked = [dst for _, dst, _, _ in tap.held]
+    assert len(asked) == 4  # t + 1
+    (left,) = set(ids(*w.members)) - set(asked)
+    # the first asked refuses (a Decline); the others' Unmasks stay held
+    w.net.drop = Tap(hold=lambda src, dst, kd: kd == "unmask" and dst != left)
+    refusal = Decline(query_id=qid, reason="refused_too_few_survivors")
+    refuser = next(m for m in w.members if m.peer_id == asked[0])
+    w.net.deliver(w.querier.peer_id, seal(refuser.identity, refusal, w.net.now_ms))
+    w.net.run()
+    assert w.net.now_ms == start  # no waiting: at once
+    left_member = next(m for m in w.members if m.peer_id == left)
+    assert left_member.metrics["accepted.unmask"] == 1
+    for _src, dst, _kind, data in tap.held[1:]:  # the two other asked ones answer too
+        w.net.deliver(dst, data)
+    w.net.run()
+    out = done(w, qid)
+    assert out.ok and out.elapsed_ms < UNMASK_GRACE
 
 
 def test_a_declining_member_after_its_key_shares_is_dropped_not_waited_for() -> None:
@@ -200,7 +254,7 @@ def test_a_declining_member_after_its_key_shares_is_dropped_not_waited_for() -> 
 
 def test_querier_that_calls_a_member_dropped_after_its_share_learns_nothing_of_it() -> None:
     """The querier receives every masked share but sends Unmask requests that list
-    member 0 as dropped. It gets member 0's mask-key shares, never a share of its
+    member 0 as dropped. It gets every pair seed of member 0, never a share of its
     self-mask seed, so member 0's vector stays hidden. The honest requests that
     follow are refused: each member reveals once."""
     k = 5
@@ -229,24 +283,24 @@ def test_querier_that_calls_a_member_dropped_after_its_share_learns_nothing_of_i
     w.net.run()
     reveals = {index[s]: body(d, Reveal) for s, _, kd, d in tap.seen if kd == "reveal"}
     assert sorted(reveals) == list(survivors)
-    # every survivor revealed a key share of the victim, and seed shares of survivors only
-    assert all(len(r.key_shares) == 1 and len(r.seed_shares) == k - 1 for r in reveals.values())
-    t = threshold(k)
-    revealers = sorted(reveals)[:t]
-    points = [(r + 1, shamir.element_from_bytes(reveals[r].key_shares[0])) for r in revealers]
-    mask_secret = shamir.combine(points).to_bytes(32, "big")
-    context = secagg.session_context(w.querier.peer_id, qid)
-    committee = [secagg.Participant(m.peer_id, m.box_key, m.mask_key) for m in accept.committee]
+    # every survivor revealed its pair seed with the victim, and seed shares of survivors only
+    assert all(len(r.pair_seeds) == 1 and len(r.seed_shares) == k - 1 for r in reveals.values())
     peeled = fixedpoint.from_bytes(shares[victim].vector)
     for v in survivors:
-        shared = secagg.agree(mask_secret, committee[v].mask_key)
-        seed = secagg.pair_seed(context, shared, committee[victim], committee[v])
+        seed = reveals[v].pair_seeds[0]
         peeled = np.subtract(peeled, secagg.pair_mask(seed, 3, victim, v), dtype=np.uint64)
+    # those were the victim's real pairwise masks: only its self mask is left on
+    victim_peer = next(m for m in w.members if m.peer_id == accept.committee[victim].peer_id)
+    masking = next(iter(victim_peer.responder.sessions.values())).masking
+    assert masking is not None
+    self_masked = np.subtract(peeled, secagg.self_mask(masking._seed, 3), dtype=np.uint64)
     model = w.models[accept.committee[victim].peer_id]
     assert model is not None
     truth = fixedpoint.encode(model(X, "soft"))
     assert not np.any(peeled == truth)
     assert np.all(np.abs(fixedpoint.decode(peeled) - model(X, "soft")) > 1e3)
+    # (the member's noise is in ``truth``'s place: within its scale of the model output)
+    assert np.all(np.abs(fixedpoint.decode(self_masked) - model(X, "soft")) < 50)
     # the honest Unmasks (held so far) now arrive: every member refuses a second reveal
     for _src, dst, _kind, data in tap.held:
         w.net.deliver(dst, data)
@@ -319,8 +373,7 @@ def _tampered_accept(w: World, tap: Tap, victim: PeerCore, change: str) -> bytes
     if change == "box_key":
         committee[j] = dataclasses.replace(committee[j], box_key=MALLORY.box_public_key)
     else:
-        _, fake = secagg.mask_keypair()
-        committee[j] = dataclasses.replace(committee[j], mask_key=fake)
+        committee[j] = dataclasses.replace(committee[j], mask_key=secagg.mask_nonce())
     return seal(QUERIER, dataclasses.replace(genuine, committee=tuple(committee)), w.net.now_ms)
 
 
@@ -336,11 +389,11 @@ def test_member_refuses_a_committee_key_that_differs_from_the_announced_one() ->
     assert a.responder.sessions == {}
 
 
-def test_member_catches_a_swapped_mask_key_at_the_relay() -> None:
-    w = world(3)
+def test_member_catches_a_swapped_mask_nonce_at_the_relay() -> None:
+    w = world(4)  # t = 3: the member that declines after the relay is t - 2 = 1 dropped
     tap = Tap(hold=lambda src, dst, kd: kd == "accept")
     w.net.drop = tap
-    qid = w.submit(k=3)
+    qid = w.submit(k=4)
     a = w.members[0]
     tampered = _tampered_accept(w, tap, a, "mask_key")
     w.net.drop = Tap()
@@ -349,9 +402,9 @@ def test_member_catches_a_swapped_mask_key_at_the_relay() -> None:
         if dst != a.peer_id:
             w.net.deliver(dst, data)
     w.net.run()
-    assert a.metrics["responder.declined.mask_key_mismatch"] == 1
+    assert a.metrics["responder.declined.mask_nonce_mismatch"] == 1
     w.net.advance(TIMEOUT)
-    out = done(w, qid)  # the two others still make t = 2
+    out = done(w, qid)  # the three others still make t = 3
     assert out.ok and a.peer_id not in out.contributors
 
 
@@ -526,7 +579,8 @@ SH = b"\x00" * shamir.SHARE_LEN
 KEY_SHARES = KeyShares(query_id=Q, ciphertexts=(CT, CT), commitment=b"m" * 32)
 RELAY = KeyRelay(query_id=Q, u1=(0, 1, 2), ciphertexts=(CT, CT))
 UNMASK = Unmask(query_id=Q, survivors=(0, 2), dropped=(1,), view_tags=(TAG,))
-REVEAL = Reveal(query_id=Q, seed_shares=(SH, SH), key_shares=(SH,))
+SEED = b"\x00" * secagg.SEED_LEN
+REVEAL = Reveal(query_id=Q, seed_shares=(SH, SH), pair_seeds=(SEED,))
 SHARE = Share(query_id=Q, vector=b"\x00" * 24, commitment=b"", view_tags=(TAG, TAG))
 OFFER = Offer(query_id=Q, price_wei=0, box_key=b"k" * 32, expected_latency_ms=1,
               mask_key=b"m" * 32)
@@ -552,7 +606,8 @@ INVALID: list[tuple[Any, str, Any]] = [
     (UNMASK, "survivors", (2, 0)),
     (REVEAL, "seed_shares", ()),
     (REVEAL, "seed_shares", (SH[:-1],)),
-    (REVEAL, "key_shares", (SH,) * 63),
+    (REVEAL, "pair_seeds", (SEED,) * 63),
+    (REVEAL, "pair_seeds", (SH,)),  # a share's length, not a seed's
     (SHARE, "view_tags", (TAG + b"x",)),
     (SHARE, "view_tags", (TAG,) * 64),
     (OFFER, "mask_key", b"m" * 31),
@@ -626,8 +681,9 @@ def test_offers_with_keys_x25519_cannot_use_are_refused() -> None:
     qid = w.submit(k=2)
     genuine = body(tap.held[0][3], Offer)
     ident = Identity.from_seed(b"member0")
-    for bad in (dataclasses.replace(genuine, mask_key=b"\x00" * 32),
-                dataclasses.replace(genuine, box_key=b"\x00" * 32)):
+    # (the mask nonce is not a key: any 32 bytes do; a bad one hurts only its sender)
+    for bad in (dataclasses.replace(genuine, box_key=b"\x00" * 32),
+                dataclasses.replace(genuine, box_key=(1).to_bytes(32, "little"))):
         w.net.deliver(w.querier.peer_id, seal(ident, bad, w.net.now_ms))
     assert w.querier.metrics["rejected.unexpected"] == 2
     for _src, dst, _kind, data in tap.held:

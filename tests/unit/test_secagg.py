@@ -7,6 +7,7 @@ timers, drops on the wire) are in test_protocol_private.py.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ def threshold(k: int) -> int:
 
 @dataclass
 class Committee:
-    """k members with long-term keys and per-query mask keys, and the querier's Aggregator."""
+    """k members with long-term keys and per-query mask nonces, and the querier's Aggregator."""
 
     context: bytes
     committee: list[Participant]
@@ -80,9 +81,9 @@ def committee_of(
     random_bytes = rng_bytes(seed)
     t = threshold(k) if t is None else t
     context = secagg.session_context(QUERIER, query_id)
-    masks = [secagg.mask_keypair(random_bytes) for _ in range(k)]
+    nonces = [secagg.mask_nonce(random_bytes) for _ in range(k)]
     committee = [
-        Participant(f"{i:064x}", bytes(_LONG_TERM[i].public_key), masks[i][1]) for i in range(k)
+        Participant(f"{i:064x}", bytes(_LONG_TERM[i].public_key), nonces[i]) for i in range(k)
     ]
     members = [
         MaskingMember(
@@ -90,7 +91,7 @@ def committee_of(
             committee=committee,
             index=i,
             threshold=t,
-            mask_secret=masks[i][0],
+            mask_nonce=nonces[i],
             channels=[None if j == i else channel(i, j) for j in range(k)],
             random_bytes=random_bytes,
         )
@@ -125,8 +126,8 @@ def run(
     survivors, dropped = agg.fix_survivors()
     for i in survivors:
         if i not in drop_reveal:
-            seeds, keys = c.members[i].reveal(survivors, dropped, agg.tags_for(i))
-            agg.add_reveal(i, seeds, keys)
+            shares, seeds = c.members[i].reveal(survivors, dropped, agg.tags_for(i))
+            agg.add_reveal(i, shares, seeds)
     return agg.unmask()
 
 
@@ -172,43 +173,55 @@ def test_prg_is_deterministic_labelled_and_sized() -> None:
         secagg.prg_words(b"short", 5, b"x")
 
 
-def test_low_order_mask_key_is_refused() -> None:
-    secret, _ = secagg.mask_keypair(rng_bytes(1))
-    with pytest.raises(SecAggError) as info:
-        secagg.agree(secret, b"\x00" * 32)
-    assert info.value.reason == "bad_mask_key"
+def _seed(c: Committee, u: int, v: int) -> bytes:
+    """Member u's pair seed with v, as u derives it."""
+    c.members[u].prepare([v])
+    return c.members[u]._pair_seeds[v]
 
 
 def test_pair_seeds_are_symmetric_and_bound_to_query_and_members() -> None:
     c = committee_of(3)
-    members = c.members
-    secrets = [m._mask_secret for m in members]
-    p = c.committee
-    ab = secagg.pair_seed(c.context, secagg.agree(secrets[0], p[1].mask_key), p[0], p[1])
-    ba = secagg.pair_seed(c.context, secagg.agree(secrets[1], p[0].mask_key), p[1], p[0])
-    assert ab == ba
-    ac = secagg.pair_seed(c.context, secagg.agree(secrets[0], p[2].mask_key), p[0], p[2])
-    assert ac != ab
-    other_query = secagg.session_context(QUERIER, b"\x02" * 16)
-    assert secagg.pair_seed(other_query, secagg.agree(secrets[0], p[1].mask_key), p[0], p[1]) != ab
+    assert _seed(c, 0, 1) == _seed(c, 1, 0)
+    assert _seed(c, 0, 2) == _seed(c, 2, 0) != _seed(c, 0, 1)
+    # the same derivation by hand: one HKDF-Expand block keyed by the channel's mask
+    # root, over the committee digest (context, t, ids, long-term keys, nonces), ids
+    digest = secagg.committee_digest(c.context, c.committee, 2)
+    info = secagg.DOMAIN + b"pair" + digest + f"{0:064x}|{1:064x}".encode()
+    by_hand = hmac.digest(channel(1, 0).mask_root, info + b"\x01", "sha256")
+    assert by_hand == _seed(c, 0, 1)
+    assert channel(0, 1).mask_root == channel(1, 0).mask_root  # both ends derive it
+    # not the channel key itself, nor anything a long-term key alone gives
+    assert channel(0, 1).mask_root not in {_seed(c, 0, 1), bytes(32)}
     other_querier = secagg.session_context("e" * 64, QUERY_ID)
     assert other_querier != c.context
 
 
+def test_pair_seeds_differ_per_query_even_with_a_replayed_query_id() -> None:
+    """Same members, same long-term keys: a new query id, or the same query id
+    again (the members draw new nonces), or another threshold gives new seeds."""
+    base = committee_of(4, seed=1)
+    seeds = {_seed(base, 0, 1)}
+    for other in (
+        committee_of(4, seed=1, query_id=b"\x02" * 16),  # another query
+        committee_of(4, seed=2),  # the same query id replayed: fresh nonces
+        committee_of(4, 4, seed=1),  # same nonces, another threshold
+    ):
+        seeds.add(_seed(other, 0, 1))
+        assert _seed(other, 1, 0) == _seed(other, 0, 1)
+    assert len(seeds) == 4
+
+
 def test_two_members_pairwise_masks_cancel_only_together() -> None:
     c = committee_of(4)
-    p, secrets = c.committee, [m._mask_secret for m in c.members]
 
     def pairwise_part(u: int) -> np.ndarray:
         acc = np.zeros(N_WORDS, dtype=np.uint64)
-        for v in range(len(p)):
+        for v in range(4):
             if v != u:
-                shared = secagg.agree(secrets[u], p[v].mask_key)
-                seed = secagg.pair_seed(c.context, shared, p[u], p[v])
-                acc = fixedpoint.add(acc, secagg.pair_mask(seed, N_WORDS, u, v))
+                acc = fixedpoint.add(acc, secagg.pair_mask(_seed(c, u, v), N_WORDS, u, v))
         return acc
 
-    seed01 = secagg.pair_seed(c.context, secagg.agree(secrets[0], p[1].mask_key), p[0], p[1])
+    seed01 = _seed(c, 0, 1)
     m01 = secagg.pair_mask(seed01, N_WORDS, 0, 1)
     m10 = secagg.pair_mask(seed01, N_WORDS, 1, 0)
     assert np.all(m01 != 0) and np.all(m10 != 0)
@@ -305,6 +318,11 @@ def test_sum_is_exact_with_every_number_of_dropouts_at_each_round(k: int, stage:
     for d in range(0, k - t + 1):
         c = committee_of(k, seed=1000 * k + d)
         gone = set(np.random.default_rng(d).choice(k, size=d, replace=False).tolist())
+        if stage == "masked" and d > t - 2:  # members reveal seeds for at most t - 2
+            with pytest.raises(SecAggError) as info:
+                run(c, xs, drop_masked=gone)
+            assert info.value.reason == "too_many_dropped"
+            continue
         total = run(
             c,
             xs,
@@ -322,12 +340,29 @@ def test_sum_is_exact_with_dropouts_at_all_rounds_at_once(k: int) -> None:
     xs = vectors(k, seed=3)
     spare = k - t
     order = np.random.default_rng(k).permutation(k).tolist()
-    a, b = spare // 3, spare // 3
-    keys, masked = order[:a], order[a : a + b]
-    reveal = order[a + b : spare]  # survive but never reveal: need t reveals left
+    # with no one dropped between relay and masked input, any t reveals do
+    keys, reveal = order[: spare // 2], order[spare // 2 : spare]
     c = committee_of(k, seed=k)
-    total = run(c, xs, drop_keys=keys, drop_masked=masked, drop_reveal=reveal)
+    total = run(c, xs, drop_keys=keys, drop_reveal=reveal)
+    assert_sum(total, xs, set(range(k)) - set(keys))
+    # with someone dropped there, every survivor reveals (its seeds with the dropped)
+    a = spare // 2
+    b = min(spare - a, t - 2)
+    keys, masked = order[:a], order[a : a + b]
+    c = committee_of(k, seed=k + 1)
+    total = run(c, xs, drop_keys=keys, drop_masked=masked)
     assert_sum(total, xs, set(range(k)) - set(keys) - set(masked))
+
+
+@pytest.mark.parametrize("k", [5, 8])
+def test_a_dropped_member_and_a_silent_survivor_fail_cleanly(k: int) -> None:
+    """The price of pair seeds from long-term keys: only survivor s knows its seed
+    with a dropped d, so once someone dropped, every survivor must reveal."""
+    c = committee_of(k, seed=40 + k)
+    with pytest.raises(SecAggError) as info:
+        run(c, vectors(k, 2), drop_masked=[0], drop_reveal=[1])
+    assert info.value.reason == "too_few_reveals"
+    assert len(c.aggregator.revealed) >= threshold(k) and not c.aggregator.ready
 
 
 @pytest.mark.parametrize("stage", ["keys", "masked", "reveal"])
@@ -400,11 +435,10 @@ def test_a_single_masked_share_is_indistinguishable_from_uniform() -> None:
 
 def test_querier_claiming_a_member_dropped_after_its_share_cannot_unmask_it() -> None:
     """The querier holds every masked input, then tells the others that member 0
-    dropped. It gets member 0's mask key (hence all its pairwise masks) but no
-    share of its self-mask seed, so member 0's vector stays hidden; and no
-    member then answers a second request that would give that seed."""
+    dropped. It gets every pair seed of member 0 (hence all its pairwise masks)
+    but no share of its self-mask seed, so member 0's vector stays hidden; and
+    no member then answers a second request that would give that seed."""
     k = 5
-    t = threshold(k)
     xs = vectors(k, 9)
     c = committee_of(k, seed=77)
     agg = c.aggregator
@@ -422,17 +456,13 @@ def test_querier_claiming_a_member_dropped_after_its_share_cannot_unmask_it() ->
     survivors, dropped = agg.fix_survivors()
     assert survivors == (1, 2, 3, 4) and dropped == (0,)
     reveals = {i: c.members[i].reveal(survivors, dropped, agg.tags_for(i)) for i in survivors}
-    # each reveal holds one seed share per survivor and one key share: of member 0 only
-    assert all(len(s) == 4 and len(m) == 1 for s, m in reveals.values())
-    revealers = sorted(reveals)[:t]
-    points = [(r + 1, shamir.element_from_bytes(reveals[r][1][0])) for r in revealers]
-    m0 = shamir.combine(points).to_bytes(32, "big")
-    assert nacl.bindings.crypto_scalarmult_base(m0) == c.committee[0].mask_key  # it has the key
+    # each reveal holds one seed share per survivor and one pair seed: with member 0
+    assert all(len(sh) == 4 and len(sd) == 1 for sh, sd in reveals.values())
+    assert all(reveals[v][1][0] == _seed(c, 0, v) for v in survivors)  # the real seeds
     # strip every pairwise mask of member 0 from its masked input
     peeled = masked[0].copy()
     for v in range(1, k):
-        shared = secagg.agree(m0, c.committee[v].mask_key)
-        seed = secagg.pair_seed(c.context, shared, c.committee[0], c.committee[v])
+        seed = reveals[v][1][0]
         peeled = np.subtract(peeled, secagg.pair_mask(seed, N_WORDS, 0, v), dtype=np.uint64)
     truth = fixedpoint.encode(xs[0])
     assert not np.any(peeled == truth)  # still under PRG(b_0): nothing of x_0 shows
@@ -477,6 +507,7 @@ def _ready(
         ((0, 1, 2, 3, 4, 5), (), "bad_index_set"),  # not a member
         ((1, 2, 3), (0, 4), "not_a_survivor"),  # asked while listed as dropped
         ((0, 1), (2, 3, 4), "too_few_survivors"),
+        ((0, 1, 2), (3, 4), "too_many_dropped"),  # t = 3: at most t - 2 = 1 dropped
     ],
 )
 def test_member_refuses_unmask_requests_that_break_the_rules(
@@ -508,43 +539,84 @@ def test_member_refuses_forged_view_tags() -> None:
 
 
 def test_querier_cannot_show_one_member_a_smaller_u1() -> None:
-    """The querier relays U1 = {0, 1, 2} to member 0 but U1 = {0..4} to the rest,
-    hoping to peel member 0's input with keys the others reveal. The others check
+    """The querier relays U1 = {0, 1, 2, 3} to member 0 but U1 = {0..5} to the rest,
+    hoping to peel member 0's input with seeds the others reveal. The others check
     member 0's view tag against their own view: refused."""
-    k = 5
+    k = 6
     xs = vectors(k, 6)
     c = committee_of(k, seed=8)
     agg = c.aggregator
     for i, member in enumerate(c.members):
         agg.add_key_shares(i, *member.key_shares())
     u1 = agg.fix_u1()
-    small = (0, 1, 2)
-    c.members[0].open_relay(small, [agg.relay_for(0)[0], agg.relay_for(0)[1]])
+    small = (0, 1, 2, 3)
+    c.members[0].open_relay(small, list(agg.relay_for(0)[:3]))
     _, tags0 = c.members[0].masked_input(fixedpoint.encode(xs[0]))
     tags = {0: tags0}
     for i in range(1, k):
         c.members[i].open_relay(u1, agg.relay_for(i))
         _, tags[i] = c.members[i].masked_input(fixedpoint.encode(xs[i]))
-    # ask member 1 for member 0's seed and the mask keys of 3 and 4 (member 0's view)
-    tag_for_1 = tags0[small.index(1) - 1]
+    # ask member 1 for member 0's seed share and its pair seeds with 4 and 5
+    # (member 0's view), with each survivor's genuine tag for member 1
+    def tag_for_1(s: int, view: tuple[int, ...]) -> bytes:
+        return tags[s][[u for u in view if u != s].index(1)]
+
+    forwarded = (tag_for_1(0, small), tag_for_1(2, u1), tag_for_1(3, u1))
     with pytest.raises(SecAggError) as info:
-        c.members[1].reveal((0, 1, 2), (3, 4), (tag_for_1, tags[2][0]))
+        c.members[1].reveal((0, 1, 2, 3), (4, 5), forwarded)
     assert info.value.reason == "bad_view_tag"
 
 
-def test_swapped_mask_key_is_caught_at_the_relay() -> None:
-    """A querier that tells member 0 another mask key for member 1 (one it knows)."""
+def test_a_member_never_reveals_a_seed_share_and_the_pair_seed_for_one_member() -> None:
+    """Asking member 2 for both kinds for member 3, at once or one after the other."""
+    c = committee_of(5, seed=13)
+    _ready(c, vectors(5, 13))
+    agg = c.aggregator
+    member = c.members[2]
+
+    def tags(survivors: tuple[int, ...]) -> tuple[bytes, ...]:
+        return tuple(agg._tags[s][[u for u in range(5) if u != s].index(2)]
+                     for s in survivors if s != 2)
+
+    with pytest.raises(SecAggError) as info:  # 3 in both lists
+        member.reveal((0, 1, 2, 3), (3, 4), tags((0, 1, 2, 3)))
+    assert info.value.reason == "both_kinds" and not member.revealed
+    shares, seeds = member.reveal((0, 1, 2, 4), (3,), tags((0, 1, 2, 4)))
+    assert len(shares) == 4 and seeds == (_seed(c, 2, 3),)
+    with pytest.raises(SecAggError) as info:  # now 3 as a survivor: its seed share
+        member.reveal((0, 1, 2, 3, 4), (), tags((0, 1, 2, 3, 4)))
+    assert info.value.reason == "already_revealed"
+
+
+def test_split_views_cannot_peel_a_member_of_an_odd_committee() -> None:
+    """k = 5, t = 3: the querier tells member 0 that 3 and 4 dropped (their pair
+    seeds with 0 from 0 itself), tells 1 and 2 that 0 dropped (theirs), and 3 and 4
+    that 0 survived (shares of b_0 with 0's own: t = 3). Member 0's t - 2 rule
+    stops it; without that rule the five answers would give x_0 away."""
+    c = committee_of(5, seed=17)
+    _ready(c, vectors(5, 17))
+    agg = c.aggregator
+
+    def tags(me: int, survivors: tuple[int, ...]) -> tuple[bytes, ...]:
+        return tuple(agg._tags[s][[u for u in range(5) if u != s].index(me)]
+                     for s in survivors if s != me)
+
+    with pytest.raises(SecAggError) as info:
+        c.members[0].reveal((0, 1, 2), (3, 4), tags(0, (0, 1, 2)))
+    assert info.value.reason == "too_many_dropped" and not c.members[0].revealed
+
+
+def test_swapped_mask_nonce_is_caught_at_the_relay() -> None:
+    """A querier that tells member 0 another nonce for member 1."""
     c = committee_of(3, seed=12)
-    _, fake_public = secagg.mask_keypair(rng_bytes(99))  # the querier knows its secret
     lied = list(c.committee)
-    lied[1] = Participant(lied[1].peer_id, lied[1].box_key, fake_public)
-    member0 = c.members[0]
+    lied[1] = Participant(lied[1].peer_id, lied[1].box_key, secagg.mask_nonce(rng_bytes(99)))
     victim = MaskingMember(
         context=c.context,
         committee=lied,
         index=0,
         threshold=2,
-        mask_secret=member0._mask_secret,
+        mask_nonce=c.committee[0].mask_nonce,
         channels=[None, channel(0, 1), channel(0, 2)],
     )
     agg = c.aggregator
@@ -554,7 +626,7 @@ def test_swapped_mask_key_is_caught_at_the_relay() -> None:
     u1 = agg.fix_u1()
     with pytest.raises(SecAggError) as info:
         victim.open_relay(u1, agg.relay_for(0))
-    assert info.value.reason == "mask_key_mismatch"
+    assert info.value.reason == "mask_nonce_mismatch"
 
 
 def test_key_shares_are_bound_to_query_sender_and_recipient() -> None:
@@ -626,15 +698,15 @@ def test_steps_out_of_order_are_refused() -> None:
         MaskingMember(
             context=c.context,
             committee=c.committee,
-            index=1,  # the committee lists another mask key at index 1
+            index=1,  # the committee lists another mask nonce at index 1
             threshold=2,
-            mask_secret=member._mask_secret,
+            mask_nonce=c.committee[0].mask_nonce,
             channels=[channel(1, 0), None, channel(1, 2)],
         )
 
 
 def test_usable_public_key_rejects_low_order_points() -> None:
-    _, good = secagg.mask_keypair(rng_bytes(3))
+    good = bytes(_LONG_TERM[3].public_key)
     assert secagg.usable_public_key(good)
     assert not secagg.usable_public_key(b"\x00" * 32)
     assert not secagg.usable_public_key((1).to_bytes(32, "little"))
@@ -656,3 +728,16 @@ def test_usable_public_key_agrees_with_a_trial_x25519() -> None:
         except nacl.exceptions.CryptoError:
             trial = False
         assert secagg.usable_public_key(key) is trial, key.hex()
+
+
+def test_channel_is_nacl_box_on_the_wire() -> None:
+    """Channel's direct libsodium calls give and take exactly NaCl Box ciphertexts."""
+    a, b = _LONG_TERM[0], _LONG_TERM[1]
+    ours = channel(0, 1).encrypt(b"share" * 20)
+    assert nacl.public.Box(b, a.public_key).decrypt(ours) == b"share" * 20
+    theirs = bytes(nacl.public.Box(a, b.public_key).encrypt(b"x" * 7))
+    assert channel(1, 0).decrypt(theirs) == b"x" * 7
+    for bad in (b"", ours[:39], ours[:-1] + bytes([ours[-1] ^ 1])):
+        with pytest.raises(SecAggError) as info:
+            channel(1, 0).decrypt(bad)
+        assert info.value.reason == "bad_key_share"
