@@ -5,12 +5,17 @@ Measures, on this machine, with the parameters of ``fi_peer.privacy.he``:
 * keys: context creation, public context bytes (with / without Galois keys),
   loading at a member;
 * layouts: single (CKKSVector) and batched (CKKSTensor) — encrypt, member
-  evaluation, decrypt, bytes per query, batched inputs/s per member;
+  evaluation (wall and CPU time), decrypt, bytes per query, batched inputs/s per
+  member, and TenSEAL's own ``mm`` (the previous evaluation) in the same run;
 * the bound on what a member may add at the last level (masks) in both layouts;
 * accuracy: ReLU vs square 64-32-10 (pooled), HE vs plaintext on the whole
   test split, and the collective answer of 10 peers at alpha 0.1 for several
   choices of each member's HE vector (plaintext simulation of the same
   polynomials), with an HE check of the chosen one on a sample.
+
+* kernel evidence (``kernel_evidence``): the polynomial-kernel evidence vector
+  (bounded per-record sensitivity, served under DP): plaintext collective with
+  and without DP, its CKKS cost next to the support vector's in the same run;
 
 * end to end (``end_to_end``): k = 4 and 8 members as separate ``fi-peer run``
   processes over libp2p on this machine (plus the querier's daemon), an
@@ -42,11 +47,17 @@ import tenseal as ts
 import torch
 from tenseal import sealapi
 
+from fi_peer.errors import ModelError
 from fi_peer.models.aggregation import get_rule
 from fi_peer.models.data import load_digits_split
-from fi_peer.models.he_models import train_he_network, train_he_peer_models
+from fi_peer.models.he_models import (
+    train_he_kernel_peer_models,
+    train_he_network,
+    train_he_peer_models,
+)
 from fi_peer.models.zoo import derive_seed, train_classifier
 from fi_peer.privacy import he
+from fi_peer.privacy.dp import calibrate_sigma, member_noise_std
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "he.json"
 ARCH_RELU = "mlp-64-32-10"
@@ -61,6 +72,32 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
         result = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result
+
+
+def _cpu(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """Median CPU seconds of this process over ``repeat`` calls (insensitive to other
+    jobs on a shared machine), and the last result."""
+    times: list[float] = []
+    result: Any = None
+    for _ in range(repeat):
+        t0 = time.process_time()
+        result = fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), result
+
+
+BEFORE = {
+    "source": "benchmarks/results/he.json of the previous run (TenSEAL CKKSVector.mm with "
+    "all Galois keys, CKKSTensor.mm; load average 10-25)",
+    "public_context_bytes": 53373759,
+    "single_member_eval_ms": 2065.0,
+    "single_request_bytes": 432551,
+    "batched_4096_inputs_per_s_per_member": 153.5,
+    "batched_request_bytes": 27671604,
+    "k4_first_query_s": 25.241,
+    "k4_later_query_median_s": 7.343,
+    "k8": "failed: 2/7 answered, later queries 106 s (53 MB context per member over libp2p)",
+}
 
 
 def _ms(seconds: float) -> float:
@@ -110,11 +147,13 @@ def bench_single(
     rng = np.random.default_rng(0)
     t_enc, query = _timed(lambda: he.encrypt_inputs(secret, x[:1]), repeat)
     t_eval, out = _timed(lambda: he.evaluate(member, model, query, noise_std=1.0, rng=rng), repeat)
+    c_eval, _ = _cpu(lambda: he.evaluate(member, model, query, noise_std=1.0, rng=rng), repeat)
     t_dec, values = _timed(lambda: he.decrypt_outputs(secret, out), repeat)
     clean = he.decrypt_outputs(secret, he.evaluate(member, model, query))
     return {
         "encrypt_ms": _ms(t_enc),
         "member_eval_ms": _ms(t_eval),
+        "member_eval_cpu_ms": _ms(c_eval),
         "decrypt_ms": _ms(t_dec),
         "request_bytes": query.nbytes,
         "response_bytes": out.nbytes,
@@ -142,10 +181,17 @@ def bench_batched(
         t_eval, out = _timed(
             lambda q=query: he.evaluate(member, model, q, noise_std=1.0, rng=rng), repeat
         )
+        c_eval, _ = _cpu(
+            lambda q=query: he.evaluate(member, model, q, noise_std=1.0, rng=rng), repeat
+        )
         t_dec, _ = _timed(lambda o=out: he.decrypt_outputs(secret, o), 1)
+        clean = he.decrypt_outputs(secret, he.evaluate(member, model, query))
         rows[str(b)] = {
             "encrypt_ms": _ms(t_enc),
             "member_eval_ms": _ms(t_eval),
+            "member_eval_cpu_ms": _ms(c_eval),
+            "inputs_per_cpu_s_per_member": round(b / c_eval, 1),
+            "max_abs_error_vs_plaintext": float(np.abs(clean - model.forward(xb)).max()),
             "decrypt_ms": _ms(t_dec),
             "request_bytes": query.nbytes,
             "response_bytes": out.nbytes,
@@ -162,40 +208,97 @@ def bench_mask_bound(
     model: he.HEModel,
     x: np.ndarray,
 ) -> dict[str, Any]:
-    """Largest uniform mask +/-B a member can add at the last level and still decrypt."""
-    bounds = [1e5, 1e6, 1e7, 1e8, 3e8, 5e8, 1e9, 1e10]
-    rng = np.random.default_rng(2)
+    """Largest Gaussian noise std a member can add (the real DP path of ``he.evaluate``:
+    a plaintext added before the switch to the last level) that still decrypts.
+
+    The noise is regenerated from the same seed and subtracted; the error is what
+    is left. At the last level only q0 (60 bits) remains at scale 2^40: values
+    must stay below ~2^19 = 5.2e5 in magnitude, whatever the layout.
+    """
+    stds = [1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 1e7]
     result: dict[str, Any] = {}
     for layout, ctx in ((he.Layout.SINGLE, member), (he.Layout.BATCHED, member_ng)):
         n = 1 if layout is he.Layout.SINGLE else 8
         query = he.encrypt_inputs(secret, x[:n], layout=layout)
-        out = he.evaluate(ctx, model, query)
-        truth = he.decrypt_outputs(secret, out)
+        truth = he.decrypt_outputs(secret, he.evaluate(ctx, model, query))
         errors: dict[str, float] = {}
-        for bound in bounds:
-            mask = rng.uniform(-bound, bound, size=truth.shape)
+        for std in stds:
+            try:
+                out = he.evaluate(ctx, model, query, noise_std=std, rng=np.random.default_rng(9))
+            except ModelError as exc:  # SEAL refuses to encode what exceeds q0: no silent wrap
+                errors[f"{std:.0e}"] = f"refused: {exc}"  # type: ignore[assignment]
+                continue
+            gen = np.random.default_rng(9)
             if layout is he.Layout.SINGLE:
-                vec = ts.ckks_vector_from(ctx._ctx, out.blobs[0])
-                masked_blobs: tuple[bytes, ...] = (
-                    bytes((vec + ts.ckks_vector(ctx._ctx, mask[0].tolist())).serialize()),
-                )
+                noise = gen.normal(0, std, size=(1, he.single_layout_width(model)))
             else:
-                tensor = ts.ckks_tensor_from(ctx._ctx, out.blobs[0])
-                plain = ts.plain_tensor(mask.reshape(n, 1, -1).tolist())
-                masked_blobs = (
-                    bytes((tensor + ts.ckks_tensor(ctx._ctx, plain, batch=True)).serialize()),
-                )
-            masked = he.EncryptedOutput(
-                layout=layout, n_inputs=n, output_dim=out.output_dim, blobs=masked_blobs
-            )
-            got = he.decrypt_outputs(secret, masked) - mask
-            errors[f"{bound:.0e}"] = float(np.abs(got - truth).max())
-        ok = [b for b in bounds if errors[f"{b:.0e}"] < 1e-2]
+                noise = gen.normal(0, std, size=(he.SLOT_COUNT, model.output_dim))
+            got = he.decrypt_outputs(secret, out) - noise[:n, : model.output_dim]
+            errors[f"{std:.0e}"] = float(np.abs(got - truth).max())
+        ok = [
+            b for b in stds if isinstance(errors[f"{b:.0e}"], float) and errors[f"{b:.0e}"] < 1e-2
+        ]
         result[str(layout)] = {
-            "max_abs_error_by_mask_bound": errors,
-            "largest_safe_bound": max(ok) if ok else None,
+            "max_abs_error_by_noise_std": errors,
+            "largest_safe_std": max(ok) if ok else None,
         }
+    result["note"] = (
+        "DP noise std per member is ~1 (sigma / sqrt(t)): five orders of magnitude "
+        "below the bound; a member's noise is drawn unbounded (Gaussian), the bound "
+        "is on |value + noise| < ~5e5"
+    )
     return result
+
+
+def bench_tenseal_baseline(model: he.HEModel, X: np.ndarray, repeat: int) -> dict[str, Any]:
+    """The previous evaluation in the same run: TenSEAL's CKKSVector.mm (all ~24
+    Galois keys, one thread as a member process on 2 cores) and CKKSTensor.mm."""
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=he.POLY_MODULUS_DEGREE,
+        coeff_mod_bit_sizes=list(he.COEFF_MOD_BIT_SIZES),
+        n_threads=1,
+    )
+    ctx.global_scale = 2**he.SCALE_BITS
+    ctx.generate_galois_keys()
+    first, second = model.layers
+    width = model.padded_input_dim
+    hidden = 1 << (model.hidden_dim - 1).bit_length()
+    w1 = np.zeros((width, hidden))
+    w1[: model.input_dim, : model.hidden_dim] = first.weight
+    b1 = np.zeros(hidden)
+    b1[: model.hidden_dim] = first.bias
+    w2 = np.zeros((hidden, model.output_dim))
+    w2[: model.hidden_dim] = second.weight
+    xin = np.zeros(width)
+    xin[: model.input_dim] = X[0]
+    vec = ts.ckks_vector(ctx, xin.tolist())
+
+    def single() -> Any:
+        h = vec.mm(w1) + ts.ckks_vector(ctx, b1.tolist())
+        h.square_()
+        return h.mm(w2) + ts.ckks_vector(ctx, second.bias.tolist())
+
+    xb = np.resize(X, (he.SLOT_COUNT, X.shape[1]))
+    tensor = ts.ckks_tensor(ctx, ts.plain_tensor(xb.reshape(len(xb), 1, -1).tolist()), batch=True)
+
+    def batched() -> Any:
+        out = tensor.mm(first.weight.tolist()) + first.bias[None, :].tolist()
+        out.square_()
+        return out.mm(second.weight.tolist()) + second.bias[None, :].tolist()
+
+    c_single, _ = _cpu(single, repeat)
+    c_batched, _ = _cpu(batched, 1)
+    return {
+        "public_context_bytes_all_galois_keys": len(
+            ctx.serialize(save_secret_key=False, save_galois_keys=True)
+        ),
+        "single_member_eval_cpu_ms": _ms(c_single),
+        "single_request_bytes": len(vec.serialize()),
+        "batched_4096_member_eval_cpu_ms": _ms(c_batched),
+        "batched_4096_inputs_per_cpu_s": round(he.SLOT_COUNT / c_batched, 1),
+        "batched_request_bytes": len(tensor.serialize()),
+    }
 
 
 def _acc(scores: np.ndarray, y: np.ndarray) -> float:
@@ -282,6 +385,156 @@ def bench_he_vs_plain(
         "plaintext_accuracy": round(100.0 * float((plain_labels == y).mean()), 2),
         "member_eval_s_total": round(eval_s, 2),
         "tolerance_stated": "abs error <= 1e-5 x max |value| (values up to ~2e3: counts x outputs)",
+    }
+
+
+KERNEL_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
+KERNEL_DELTA = 1e-5
+
+
+def kernel_constants_cv() -> dict[str, Any]:
+    """5-fold CV on the training split (never the test split) of the public constants
+    (centre, constant weight) of the kernel feature map: pooled kernel evidence,
+    without DP and with the noise of epsilon 2 (one draw)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    split = load_digits_split()
+    X, y = split.X_train.astype(np.float64), split.y_train
+    sigma = calibrate_sigma(2.0, KERNEL_DELTA, he.KERNEL_L2_SENSITIVITY)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y))
+    rows = []
+    for centre in (0.15, 0.25, 0.35):
+        for bias in (0.1, 0.3, 0.5, 0.7):
+            fmap = he.KernelFeatureMap(64, tuple(range(1, 64)), centre, bias)
+            clean, noisy = [], []
+            for i, (tr, te) in enumerate(folds):
+                k = (fmap(X[te]) @ fmap(X[tr]).T) ** 2
+                ev = np.stack([k[:, y[tr] == c].sum(axis=1) for c in range(10)], axis=1)
+                clean.append(_acc(ev, y[te]))
+                noise = np.random.default_rng(i).normal(0.0, sigma, ev.shape)
+                noisy.append(_acc(ev + noise, y[te]))
+            rows.append(
+                {
+                    "centre": centre,
+                    "constant": bias,
+                    "cv_no_dp": round(float(np.mean(clean)), 2),
+                    "cv_eps_2": round(float(np.mean(noisy)), 2),
+                }
+            )
+    return {
+        "method": "5-fold stratified CV on the training split, pooled kernel evidence",
+        "chosen": {"centre": he.KERNEL_CENTRE, "constant": he.KERNEL_BIAS},
+        "grid": rows,
+    }
+
+
+def bench_kernel_evidence(
+    secret: he.SecretContext,
+    member: he.PublicContext,
+    support: he.HEModel,
+    seeds: list[int],
+    repeat: int,
+    draws: int,
+) -> dict[str, Any]:
+    """The polynomial-kernel evidence (bounded per-record sensitivity): plaintext
+    collective at alpha 0.1 with and without DP, and its CKKS cost next to the
+    support vector's in the same run."""
+    split = load_digits_split()
+    X, y = split.X_test, split.y_test
+    runs: dict[str, list[float]] = {"no_dp": [], "no_dp_per_class_mean": []}
+    runs.update({f"eps_{e:g}": [] for e in KERNEL_EPSILONS})
+    sigmas = {
+        f"{e:g}": calibrate_sigma(e, KERNEL_DELTA, he.KERNEL_L2_SENSITIVITY)
+        for e in KERNEL_EPSILONS
+    }
+    for seed in seeds:
+        models = train_he_kernel_peer_models(10, 0.1, seed, split=split)
+        total = sum(m.forward(X) for m in models)
+        counts = sum(np.einsum("caa->c", m.moments) for m in models)  # trace = n(c)
+        runs["no_dp"].append(_acc(total, y))
+        runs["no_dp_per_class_mean"].append(_acc(total / np.maximum(counts, 1), y))
+        rng = np.random.default_rng(derive_seed(seed, 7))
+        for e in KERNEL_EPSILONS:
+            sigma = sigmas[f"{e:g}"]
+            # each of the 10 members adds N(0, sigma^2 / 10): the sum carries N(0, sigma^2)
+            accs = [
+                _acc(
+                    total
+                    + sum(
+                        rng.normal(0.0, member_noise_std(sigma, 10), total.shape) for _ in models
+                    ),
+                    y,
+                )
+                for _ in range(draws)
+            ]
+            runs[f"eps_{e:g}"].append(round(float(np.mean(accs)), 2))
+    # CKKS: 10 members of seed 0, up to 16 inputs in one query each, summed
+    models = train_he_kernel_peer_models(10, 0.1, seeds[0], split=split)
+    n_in = he.MAX_SINGLE_INPUTS
+    t_enc, query = _timed(
+        lambda: he.encrypt_kernel_inputs(secret, X[:1], models[0].feature_map), repeat
+    )
+    rng = np.random.default_rng(0)
+    kernel = models[0]
+    c_kernel, out = _cpu(lambda: he.evaluate(member, kernel, query, noise_std=1.0, rng=rng), repeat)
+    t_kernel, _ = _timed(lambda: he.evaluate(member, kernel, query, noise_std=1.0, rng=rng), repeat)
+    sq = he.encrypt_inputs(secret, X[:1], layout=he.Layout.SINGLE)
+    c_support, _ = _cpu(lambda: he.evaluate(member, support, sq, noise_std=1.0, rng=rng), repeat)
+    t_support, _ = _timed(lambda: he.evaluate(member, support, sq, noise_std=1.0, rng=rng), repeat)
+    big = he.encrypt_kernel_inputs(secret, X[:n_in], models[0].feature_map)
+    names = [f"m{i}" for i in range(len(models))]
+    parts = [
+        he.contribute(member, m, big, member=name, noise_std=0.0, rng=rng)
+        for name, m in zip(names, models, strict=True)
+    ]
+    got = he.open_aggregate(
+        secret, he.combine(member, parts), committee=names, threshold=len(names)
+    )
+    plain = sum(m.forward(X[:n_in]) for m in models)
+    return {
+        "constants_selection": kernel_constants_cv(),
+        "what": "E_c(x) = sum over own class-c points of (u(x).u(x_j))^2, u = public unit "
+        "feature map (pixel 0 dropped, centre 0.35, constant 0.1, chosen by CV on the "
+        "training split): one plaintext linear "
+        "map of the encrypted outer product u(x)u(x)^T",
+        "l2_sensitivity_add_remove": he.KERNEL_L2_SENSITIVITY,
+        "l2_sensitivity_replace_one": round(he.KERNEL_REPLACE_ONE_SENSITIVITY, 4),
+        "delta": KERNEL_DELTA,
+        "sigma_of_the_sum": {k: round(v, 4) for k, v in sigmas.items()},
+        "noise": "10 members x N(0, sigma^2/10) (member_noise_std, t = 10)",
+        "noise_draws_per_seed": draws,
+        "plaintext_collective_alpha_0.1_10_peers": {
+            "seeds": seeds,
+            "mean": {k: round(float(np.mean(v)), 2) for k, v in runs.items()},
+            "runs": runs,
+        },
+        "references": {
+            "support_he_no_dp (accuracy section)": 92.4,
+            "default_mode_evidence (benchmarks/results/privacy.json, alpha 0.1)": {
+                "0.5": 80.31,
+                "1": 89.78,
+                "2": 93.29,
+                "4": 94.62,
+                "8": 95.61,
+                "inf": 97.56,
+            },
+        },
+        "ckks": {
+            "member_eval_cpu_ms": _ms(c_kernel),
+            "member_eval_ms": _ms(t_kernel),
+            "support_member_eval_cpu_ms_same_run": _ms(c_support),
+            "support_member_eval_ms_same_run": _ms(t_support),
+            "cpu_ratio_kernel_over_support": round(c_kernel / c_support, 2),
+            "encrypt_ms": _ms(t_enc),
+            "request_bytes": query.nbytes,
+            "response_bytes": out.nbytes,
+            "rotations": "7 baby (by 1) + 3 giant (by 8) + 7 rotate-and-add (32..2048): "
+            "the existing Galois steps, public context unchanged",
+            "ten_member_sum_inputs": n_in,
+            "ten_member_sum_max_abs_error": float(np.abs(got - plain).max()),
+            "ten_member_sum_max_abs_value": float(np.abs(plain).max()),
+            "argmax_disagreements": int((got.argmax(1) != plain.argmax(1)).sum()),
+        },
     }
 
 
@@ -382,7 +635,7 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
         net = LocalNetwork(
             folder / f"net-k{k}",
             transport="libp2p",
-            announce_interval_ms=1000,
+            announce_interval_ms=2000,  # LocalNetwork's default (1 s flapped at load 20+)
             offer_window_ms=10_000,
         )
         row: dict[str, Any] = {}
@@ -395,10 +648,16 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
             client = ControlClient.from_state_dir(net.peers[0].state_dir / "control.json")
             by_id = {p.peer_id: i for i, p in enumerate(net.peers)}
             walls: list[float] = []
+            contributors: list[int] = []
             agree = 0
             answered = 0
             reasons: list[str] = []
-            for q in range(1 + later):
+            # The first HE query carries the key exchange. Right after start the
+            # daemons are still busy (model loading, meshes forming); a first query
+            # that gets too few offers is retried (at most 3 times, counted).
+            q = 0
+            attempts = 0
+            while q < 1 + later:
                 x = xs[q % len(xs)]
                 started = time.perf_counter()
                 answer = client.post(
@@ -408,8 +667,13 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
                 )
                 wall = time.perf_counter() - started
                 result = answer["results"][0]
+                if q == 0:
+                    attempts += 1
                 if not result["ok"]:
                     reasons.append(str(result["reason"]))
+                    if q == 0 and attempts < 3 and "offers" in str(result["reason"]):
+                        continue
+                    q += 1
                     continue
                 answered += 1
                 members = [by_id[p] for p in result["contributors"]]
@@ -417,16 +681,20 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
                 agree += int(result["label"] == decide(total, HE_RULE)[0])
                 if q == 0:
                     row["first_query_s"] = round(wall, 3)
+                    row["first_query_attempts"] = attempts
                     row["first_contributors"] = len(members)
                 else:
                     walls.append(wall)
+                    contributors.append(len(members))
+                q += 1
+            row["later_contributors"] = contributors
             row["later_query_s"] = {
                 "median": round(statistics.median(walls), 3) if walls else None,
                 "min": round(min(walls), 3) if walls else None,
                 "max": round(max(walls), 3) if walls else None,
                 "n": len(walls),
             }
-            row["answered"] = f"{answered}/{1 + later}"
+            row["answered"] = f"{answered}/{len(reasons) + answered}"
             row["failures"] = reasons
             row["labels_equal_plaintext_sum"] = f"{agree}/{answered}"
             row["key_exchange_bytes"] = public_bytes * k
@@ -439,7 +707,8 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("keys", "single", "batched", "mask_bound", "accuracy", "end_to_end")
+SECTIONS = ("keys", "single", "batched", "mask_bound", "accuracy", "kernel_evidence", "end_to_end")
+"""``he_vs_plain`` alone re-measures only the HE check of the accuracy section."""
 
 
 def main() -> None:
@@ -462,17 +731,31 @@ def main() -> None:
     results: dict[str, Any] = {}
     if sections != set(SECTIONS) and args.out.is_file():
         results = json.loads(args.out.read_text())
+    runs = results.get("machine", {}).get("runs", [])
+    run: dict[str, Any] = {
+        "sections": sorted(sections),
+        "load_average_at_start": os.getloadavg(),
+    }
+    runs.append(run)
     results["machine"] = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "tenseal": ts.__version__,
         "torch": torch.__version__,
-        "load_average_at_start": os.getloadavg(),
-        "sections_measured_in_this_run": sorted(sections),
+        "runs": runs,
     }
+
+    def save() -> None:
+        """Written after every section: a later failure keeps what was measured."""
+        run["load_average_at_end"] = os.getloadavg()
+        run["seconds"] = round(time.perf_counter() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
     keys, secret, pub, pub_ng = bench_keys(repeat)
     if "keys" in sections:
         results["keys"] = keys
+        save()
     member = he.load_public_context(pub, require_galois=True)
     member_ng = he.load_public_context(pub_ng)
     split = load_digits_split()
@@ -483,25 +766,47 @@ def main() -> None:
         results["single_raw_logits_64_32_10"] = bench_single(
             secret, member, peer.model, split.X_test, repeat
         )
+        save()
     if "batched" in sections:
         sizes = [1, 450] if args.quick else [1, 450, 4096]
         results["batched"] = bench_batched(secret, member_ng, model, split.X_test, sizes, repeat)
+        save()
+    if "single" in sections or "batched" in sections:
+        base = bench_tenseal_baseline(model, split.X_test, repeat)
+        new_single = results.get("single", {}).get("member_eval_cpu_ms")
+        new_batched = results.get("batched", {}).get(str(he.SLOT_COUNT), {})
+        if new_single:
+            base["single_cpu_speedup"] = round(base["single_member_eval_cpu_ms"] / new_single, 1)
+        if new_batched.get("member_eval_cpu_ms"):
+            base["batched_cpu_speedup"] = round(
+                base["batched_4096_member_eval_cpu_ms"] / new_batched["member_eval_cpu_ms"], 1
+            )
+        results["tenseal_mm_baseline_same_run"] = base
+        results["before"] = BEFORE
+        save()
     if "mask_bound" in sections:
         results["mask_bound"] = bench_mask_bound(
             secret, member, member_ng, peer.model, split.X_test
+        )
+        save()
+    if "he_vs_plain" in sections and "accuracy" not in sections:
+        results.setdefault("accuracy", {})["he_vs_plaintext_collective"] = bench_he_vs_plain(
+            secret, member_ng, 0, epochs, 4 if args.quick else 10
         )
     if "accuracy" in sections:
         results["accuracy"] = bench_accuracy(seeds, epochs)
         results["accuracy"]["he_vs_plaintext_collective"] = bench_he_vs_plain(
             secret, member_ng, 0, epochs, 4 if args.quick else 10
         )
+    if "kernel_evidence" in sections:
+        results["kernel_evidence"] = bench_kernel_evidence(
+            secret, member, model, seeds, repeat, 1 if args.quick else 5
+        )
+        save()
     if "end_to_end" in sections:
         ks = [4] if args.quick else [4, 8]
         results["end_to_end"] = bench_end_to_end(ks, 2 if args.quick else args.later, args.work)
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save()
     print(json.dumps(results, indent=2))
 
 

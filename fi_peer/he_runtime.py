@@ -6,17 +6,25 @@ the effects of :mod:`fi_peer.protocol.he_effects`; :class:`HERuntime` does it
 :func:`answer_he_effect` hands the result back to the core.
 
 - As a querier: one CKKS key pair per runtime, created on first use (with
-  Galois keys: the single layout needs them; ~0.5 s, and the public context is
-  ~53 MB, sent once per member and cached there). The secret key never leaves
+  Galois keys for the nine rotation steps the single layout uses; ~0.2 s of CPU
+  in the worker thread of the first input-private query, and the public context
+  is ~12 MB, sent once per member and cached there). The secret key never leaves
   this object.
-- As a member: the served HE-ready model (:class:`~fi_peer.privacy.he.HEModel`,
-  the support vector ``[n(y) f(y|x), n(y)]``), and the queriers' public
+- As a member: the served HE-ready models, by rule: ``support`` (the network
+  :class:`~fi_peer.privacy.he.HEModel` serving ``[n(y) f(y|x), n(y)]``, no
+  bounded sensitivity: DP refused by owners with finite budgets) and
+  ``evidence`` (:class:`~fi_peer.privacy.he.KernelEvidenceModel`, the
+  polynomial-kernel evidence: L2 sensitivity 1 per record, so it is priced and
+  charged by the budget ledger exactly as the default mode's ``evidence``
+  rule); other rule names use the network (tests). And the queriers' public
   contexts, loaded (a context holding a secret key is refused) and kept per
   (querier, digest) in a small LRU cache.
 
 HE-ready models on disk: ``save_he_model`` / ``load_he_model`` (an ``.npz``
 with the layers' weights and biases; :func:`he_model_path` is where a daemon
-looks: next to its model file, ``<model>.he.npz``).
+looks: next to its model file, ``<model>.he.npz``) and ``save_kernel_model`` /
+``load_kernel_model`` (``<model>.he-kernel.npz``: the per-class second
+moments and the public feature map, :func:`kernel_model_path`).
 """
 
 from __future__ import annotations
@@ -46,11 +54,46 @@ from fi_peer.protocol.peer import PeerCore
 log = logging.getLogger(__name__)
 
 HE_SUFFIX = ".he.npz"
+KERNEL_SUFFIX = ".he-kernel.npz"
+HE_KERNEL_RULE = "evidence"
+"""The rule whose HE vector is the kernel evidence (bounded sensitivity, DP allowed)."""
 
 
 def he_model_path(model_path: Path) -> Path:
     """Where the HE-ready model of an owner's model file lives (may not exist)."""
     return model_path.with_name(model_path.name + HE_SUFFIX)
+
+
+def kernel_model_path(model_path: Path) -> Path:
+    """Where the kernel evidence of an owner's model file lives (may not exist)."""
+    return model_path.with_name(model_path.name + KERNEL_SUFFIX)
+
+
+def save_kernel_model(path: Path, model: he.KernelEvidenceModel) -> None:
+    fmap = model.feature_map
+    with path.open("wb") as fh:
+        np.savez(
+            fh,
+            moments=model.moments,
+            keep=np.asarray(fmap.keep, dtype=np.int64),
+            params=np.asarray([fmap.input_dim, fmap.centre, fmap.bias], dtype=np.float64),
+        )
+
+
+def load_kernel_model(path: Path) -> he.KernelEvidenceModel:
+    """A kernel evidence saved by :func:`save_kernel_model` (ModelError if unusable,
+    or if its feature map is not the task's public one: the querier encrypts with
+    :func:`fi_peer.privacy.he.kernel_feature_map`)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            moments, keep, params = data["moments"], data["keep"], data["params"]
+            input_dim, centre, bias = int(params[0]), float(params[1]), float(params[2])
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise ModelError(f"cannot load the kernel evidence {path}: {exc}") from exc
+    fmap = he.KernelFeatureMap(input_dim, tuple(int(i) for i in keep), centre, bias)
+    if fmap != he.kernel_feature_map(input_dim):
+        raise ModelError(f"kernel evidence {path}: its feature map is not the task's public one")
+    return he.KernelEvidenceModel(fmap, moments)
 
 
 def save_he_model(path: Path, model: he.HEModel) -> None:
@@ -83,11 +126,13 @@ class HERuntime:
         self,
         model: he.HEModel | None = None,
         *,
+        kernel: he.KernelEvidenceModel | None = None,
         rng: np.random.Generator | None = None,
         max_contexts: int = 4,
         secret: he.SecretContext | None = None,
     ) -> None:
         self.model = model
+        self.kernel = kernel
         self.rng = (
             rng
             if rng is not None
@@ -100,7 +145,20 @@ class HERuntime:
 
     @property
     def serves(self) -> bool:
-        return self.model is not None
+        return self.model is not None or self.kernel is not None
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The HE-mode rules (:data:`HE_RULES`) this peer serves."""
+        served = {HE_KERNEL_RULE: self.kernel is not None, HE_RULE: self.model is not None}
+        return tuple(rule for rule in HE_RULES if served[rule])
+
+    def served(self, rule: str) -> he.HEModel | he.KernelEvidenceModel:
+        """The model answering ``rule`` (ModelError if this peer does not serve it)."""
+        model = self.kernel if rule == HE_KERNEL_RULE else self.model
+        if model is None:
+            raise ModelError(f"this peer serves no HE-ready model for the {rule!r} rule")
+        return model
 
     # -- querier --------------------------------------------------------------------
     def keys(self) -> tuple[he.SecretContext, bytes]:
@@ -112,12 +170,16 @@ class HERuntime:
                 self._public = self._secret.public_bytes(galois_keys=True)
             return self._secret, self._public
 
-    def encrypt(self, x: npt.ArrayLike) -> tuple[tuple[bytes, ...], bytes]:
-        """One input encrypted (single layout) and the public context to send with it."""
+    def encrypt(self, x: npt.ArrayLike, rule: str = "support") -> tuple[tuple[bytes, ...], bytes]:
+        """One input encrypted (single layout) and the public context to send with it.
+        For the ``evidence`` rule: the outer product u(x) u(x)^T of the task's public
+        kernel feature map (the querier squares in the clear)."""
         secret, public = self.keys()
-        query = he.encrypt_inputs(
-            secret, np.asarray(x, dtype=np.float64).reshape(1, -1), layout=he.Layout.SINGLE
-        )
+        row = np.asarray(x, dtype=np.float64).reshape(1, -1)
+        if rule == HE_KERNEL_RULE:
+            query = he.encrypt_kernel_inputs(secret, row, he.kernel_feature_map(row.shape[1]))
+        else:
+            query = he.encrypt_inputs(secret, row, layout=he.Layout.SINGLE)
         return query.blobs, public
 
     def decrypt(self, blobs: tuple[bytes, ...], vector_len: int) -> npt.NDArray[np.float64]:
@@ -148,27 +210,28 @@ class HERuntime:
         return ctx
 
     def evaluate(self, effect: HEEvaluate) -> tuple[bytes, ...]:
-        if self.model is None:
-            raise ModelError("this peer serves no HE-ready model")
+        model = self.served(effect.rule)
         ctx = self._context(effect.querier, effect.digest)
         query = he.EncryptedQuery(
             layout=he.Layout.SINGLE,
             n_inputs=len(effect.blobs),
-            input_dim=self.model.input_dim,
+            input_dim=model.input_dim,
             blobs=effect.blobs,
         )
-        out = he.evaluate(ctx, self.model, query, noise_std=effect.noise_std, rng=self.rng)
+        out = he.evaluate(ctx, model, query, noise_std=effect.noise_std, rng=self.rng)
         return out.blobs
 
     def combine(self, effect: HECombine) -> tuple[bytes, ...]:
-        if self.model is None:
+        if not self.serves:
             raise ModelError("this peer serves no HE-ready model")
         ctx = self._context(effect.querier, effect.digest)
+        # Both served vectors are single-layout ciphertexts of 4,096 slots: the sum
+        # does not depend on the width (checked by the querier at decryption).
         outputs = [
             he.EncryptedOutput(
                 layout=he.Layout.SINGLE,
                 n_inputs=len(part),
-                output_dim=self.model.output_dim,
+                output_dim=1,
                 blobs=part,
             )
             for part in effect.parts
@@ -216,23 +279,41 @@ def answer_he_effect(core: PeerCore, effect: HEEffect, result: Any, now_ms: int)
 
 
 HE_RULE = "support"
-"""The rule of the HE mode: HE-ready models serve ``[n(y) f(y|x), n(y)]``."""
+"""The HE mode's network rule: HE-ready networks serve ``[n(y) f(y|x), n(y)]``."""
+HE_RULES = (HE_KERNEL_RULE, HE_RULE)
+"""Rules an input-private query may use; the first (bounded sensitivity) is the default."""
 
 
-def runtime_for(model_path: Path | None, *, input_dim: int, vector_len: int) -> HERuntime:
-    """A daemon's HE runtime: it serves the HE mode if ``<model>.he.npz`` exists and
-    fits the owner's model card (input width, the support rule's vector length);
-    it can always ask input-private queries (its key pair is made on first use)."""
+def runtime_for(
+    model_path: Path | None, *, input_dim: int, vector_len: int, n_classes: int | None = None
+) -> HERuntime:
+    """A daemon's HE runtime: it serves the HE mode's ``support`` rule if
+    ``<model>.he.npz`` exists and fits the owner's model card (input width, the
+    support rule's vector length), the ``evidence`` rule if ``<model>.he-kernel.npz``
+    exists (``n_classes`` outputs); it can always ask input-private queries (its key
+    pair is made on first use)."""
     if model_path is None:
         return HERuntime(None)
+    model: he.HEModel | None = None
+    kernel: he.KernelEvidenceModel | None = None
     path = he_model_path(model_path)
-    if not path.exists():
-        return HERuntime(None)
-    model = load_he_model(path)
-    if model.input_dim != input_dim or model.output_dim != vector_len:
-        raise ModelError(
-            f"HE model {path} maps {model.input_dim} -> {model.output_dim}; the peer's card "
-            f"needs {input_dim} -> {vector_len} (the {HE_RULE} rule's vector)"
-        )
-    log.info("serving the HE (input-private) mode with %s", path.name)
-    return HERuntime(model)
+    if path.exists():
+        model = load_he_model(path)
+        if model.input_dim != input_dim or model.output_dim != vector_len:
+            raise ModelError(
+                f"HE model {path} maps {model.input_dim} -> {model.output_dim}; the peer's card "
+                f"needs {input_dim} -> {vector_len} (the {HE_RULE} rule's vector)"
+            )
+        log.info("serving the HE (input-private) support rule with %s", path.name)
+    kpath = kernel_model_path(model_path)
+    if kpath.exists():
+        kernel = load_kernel_model(kpath)
+        if kernel.input_dim != input_dim or (
+            n_classes is not None and kernel.output_dim != n_classes
+        ):
+            raise ModelError(
+                f"kernel evidence {kpath} maps {kernel.input_dim} -> {kernel.output_dim}; "
+                f"the peer's card needs {input_dim} -> {n_classes}"
+            )
+        log.info("serving the HE (input-private) evidence rule with %s", kpath.name)
+    return HERuntime(model, kernel=kernel)

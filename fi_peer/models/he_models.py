@@ -46,7 +46,14 @@ from torch import nn
 from fi_peer.errors import ModelError
 from fi_peer.models.data import DigitsSplit, load_digits_split
 from fi_peer.models.zoo import ProgressCallback, peer_partition, peer_seed, pooled_seed
-from fi_peer.privacy.he import HEModel, LinearLayer, build_he_model, support_model
+from fi_peer.privacy.he import (
+    HEModel,
+    KernelEvidenceModel,
+    LinearLayer,
+    build_he_model,
+    kernel_evidence_model,
+    support_model,
+)
 
 __all__ = [
     "HE_DIMS",
@@ -55,6 +62,7 @@ __all__ = [
     "build_he_network",
     "ensure_he_models",
     "export_he_model",
+    "train_he_kernel_peer_models",
     "train_he_network",
     "train_he_peer_models",
     "train_he_pooled",
@@ -64,7 +72,6 @@ logger = logging.getLogger(__name__)
 
 HE_DIMS = (64, 32, 10)
 Loss = Literal["mse", "ce"]
-
 
 
 class Square(nn.Module):
@@ -252,13 +259,44 @@ def ensure_he_models(
     """The HE-ready model of each owner model file of the zoo (same ``alpha`` and
     ``seed``, hence the same Dirichlet partition), written next to it as
     ``<model>.he.npz`` (what a daemon serves in the HE mode). Trained only if
-    missing. The file holds the served support model ``[n(y) f(y|x), n(y)]``."""
-    from fi_peer.he_runtime import he_model_path, save_he_model
+    missing. The file holds the served support model ``[n(y) f(y|x), n(y)]``;
+    next to it ``<model>.he-kernel.npz``, the owner's kernel evidence (the
+    ``evidence`` rule of the HE mode, the one served under DP)."""
+    from fi_peer.he_runtime import (
+        he_model_path,
+        kernel_model_path,
+        save_he_model,
+        save_kernel_model,
+    )
 
     out = [he_model_path(Path(p)) for p in model_paths]
+    kernels = [kernel_model_path(Path(p)) for p in model_paths]
+    if not all(p.is_file() for p in kernels):
+        for path, kernel in zip(
+            kernels, train_he_kernel_peer_models(len(out), alpha, seed), strict=True
+        ):
+            save_kernel_model(path, kernel)
     if all(p.is_file() for p in out):
         return out
     peers = train_he_peer_models(len(out), alpha, seed, epochs=epochs)
     for path, peer in zip(out, peers, strict=True):
         save_he_model(path, peer.answer_model)
     return out
+
+
+def train_he_kernel_peer_models(
+    n_peers: int,
+    alpha: float,
+    seed: int,
+    *,
+    split: DigitsSplit | None = None,
+    n_classes: int = HE_DIMS[-1],
+    min_size: int = 10,
+) -> list[KernelEvidenceModel]:
+    """Each peer's kernel evidence (:func:`fi_peer.privacy.he.kernel_evidence_model`)
+    on the zoo's Dirichlet(alpha) partition of run ``seed``: no training, the
+    per-class second moments of the peer's own points. Bounded per-record
+    sensitivity (1 add/remove, sqrt 2 replace-one): what a member with a finite
+    DP budget serves in the input-private mode."""
+    data, parts = peer_partition(n_peers, alpha, seed, split, min_size)
+    return [kernel_evidence_model(data.X_train[idx], data.y_train[idx], n_classes) for idx in parts]

@@ -15,29 +15,52 @@ ciphertexts among themselves along an aggregation tree
 :func:`finalize`). The querier receives one ciphertext, the sum over at least
 ``threshold`` members, and decrypts only that (:func:`open_aggregate`).
 
-Parameters (verified at import of a context, measured in notes/he-and-data.md
+Parameters (checked when a context is loaded; measured in notes/he-and-data.md
 and benchmarks/he.py): N = 8192, coefficient moduli [60, 40, 40, 40, 38] bits
 (218 bits = SEAL's 128-bit bound for N = 8192), scale 2^40. That leaves three
 rescalings: linear -> square -> linear, the only supported model family
 (:class:`HEModel`), or a single linear layer.
 
+Kernel evidence (:class:`KernelEvidenceModel`, the vector served under DP):
+``E_c(x) = sum_{j: y_j = c} (u(x) . u(x_j))^2`` over the member's own points,
+u a public unit feature map of 64 coordinates (:func:`kernel_feature_map`), so
+each record adds one value in [0, 1] to one class whatever x is: L2
+sensitivity 1 (add/remove), sqrt 2 (replace one), as the default mode's
+``evidence`` rule. ``E_c = <M_c, u u^T>``: the querier encrypts the outer
+product (:func:`encrypt_kernel_inputs`, 4,096 slots) and the member applies one
+plaintext linear map (hybrid diagonal method, 17 rotations with the same Galois
+keys, no ciphertext product); the answer has the single layout's shape
+(period 32), so aggregation and decryption are unchanged. docs/he.md,
+"Kernel evidence".
+
 Layouts (:class:`Layout`)
-    ``single``: one CKKSVector per input. TenSEAL replicates the vector over
-    all 4,096 slots and ``mm`` (rotations, needs Galois keys) keeps the result
-    replicated: *every* slot of the answer holds a copy of some output
-    coordinate, and a querier with the secret key reads all of them. So
-    anything a member adds (bias, noise) must be added to every copy alike:
-    the member adds it as a fresh encryption under the public key (TenSEAL
-    replicates it the same way), never as a plain list (which reaches only
-    the first slots and leaves ~400 noiseless copies). Replication is exact
-    only when the input and hidden widths divide 4,096, so the input is
-    zero-padded to a power of two and the first bias is *not* folded into W1
-    (folding x + [1.0] gives 65 dims, whose wrap-around leaves partial sums in
-    the last slots, readable without noise; padding to 128 instead doubles the
-    member's time). ``batched``: one CKKSTensor (batch=True) holding up to
-    4,096 inputs in the slots; plain multiply-adds, no rotations, no Galois
+    ``single``: one ciphertext per input, evaluated with SEAL directly (TenSEAL's
+    ``CKKSVector.mm`` needs ~24 Galois keys, 53 MB, and one rotation per input
+    row: ~640 ms of CPU per member). The querier encrypts x padded to a power
+    of two d with each value repeated 4096 / d times (:func:`single_layout_vector`).
+    A member multiplies by one plaintext holding W1 in that layout (slot
+    i * 4096/d + r holds W1[i, r mod w], w = padded hidden width) and sums the d
+    blocks with log2(d) rotate-and-adds (strides 4096/d .. 2048): every slot s
+    then holds z[s mod w] exactly (an all-reduce, no wrap-around partial sums).
+    x^2 keeps that. W2 goes by the diagonal method over the period w, with
+    baby steps (rotations by 1) and giant steps (rotations by 8, Horner), so the
+    answer is again replicated: slot s holds y[s mod w] (padding slots hold
+    zeros). Rotations are done before rescaling (at scale 2^80): the 38-bit
+    special prime makes key-switching noise ~2^37, harmless only there. Galois
+    keys for the nine steps of :data:`GALOIS_STEPS` only, saved seeded: the
+    public context is ~12 MB instead of 53. Bias and noise are added as one
+    plaintext replicated with the answer's period (every readable slot holds
+    the noisy answer; the padding slots get their own noise draws, hiding the
+    evaluation error there too). ~50 ms of CPU per input and member.
+    ``batched``: one [1, d] tensor (TenSEAL's CKKSTensor wire format) whose
+    ciphertext i holds feature i of up to 4,096 inputs, one per slot; plain
+    scalar multiply-adds with one rescale per output ciphertext (lazy
+    rescaling; TenSEAL's ``mm`` rescales every product), no rotations, no Galois
     keys. Unused slots hold the model's answer at x = 0; the member floods
     them with one extra noise vector, so they are one more noisy release.
+    Queries are encrypted with the secret key (seeded symmetric encryption: half
+    the bytes of a public-key ciphertext). Outputs are switched to the last
+    level before they leave (131 KB per ciphertext).
 
 Aggregation: why homomorphic summation, not bounded masks
 ---------------------------------------------------------
@@ -86,15 +109,23 @@ model or input :class:`~fi_peer.errors.ModelError`; misuse on this side
 process (segfault) on some malformed bytes (an empty or vector-shaped blob
 given to ``ckks_tensor_from``), so every blob is first checked against the
 wire format of TenSEAL's protobuf messages here, before TenSEAL sees it.
+Galois keys are read by SEAL's own loader, which validates them against the
+parameters (a test feeds it garbage).
 
-No I/O, clock or global RNG: randomness comes in as a ``numpy.random.Generator``.
+No network I/O, clock or global RNG: randomness comes in as a
+``numpy.random.Generator``. The only I/O is a private scratch file (on /dev/shm
+when present) through which SEAL objects are saved and loaded: TenSEAL's sealapi
+binding reads and writes paths, not bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
+import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -116,9 +147,15 @@ from fi_peer.errors import (
 from fi_peer.privacy.dp import member_noise_std
 
 __all__ = [
+    "BABY_STEPS",
     "BATCH_THRESHOLD",
     "COEFF_MOD_BIT_SIZES",
     "DEFAULT_CHUNK_BYTES",
+    "GALOIS_STEPS",
+    "KERNEL_L2_SENSITIVITY",
+    "KERNEL_PERIOD",
+    "KERNEL_REPLACE_ONE_SENSITIVITY",
+    "KERNEL_SIDE",
     "MAX_BATCH",
     "MAX_CHUNK_BYTES",
     "MAX_CIPHERTEXT_BYTES",
@@ -137,6 +174,8 @@ __all__ = [
     "EncryptedOutput",
     "EncryptedQuery",
     "HEModel",
+    "KernelEvidenceModel",
+    "KernelFeatureMap",
     "Layout",
     "LinearLayer",
     "Partial",
@@ -153,10 +192,16 @@ __all__ = [
     "decrypt_outputs",
     "dp_noise_std",
     "encrypt_inputs",
+    "encrypt_kernel_inputs",
     "evaluate",
     "finalize",
+    "kernel_evidence_model",
+    "kernel_feature_map",
+    "kernel_query_vector",
     "load_public_context",
     "open_aggregate",
+    "single_layout_vector",
+    "single_layout_width",
     "support_model",
 ]
 
@@ -181,8 +226,10 @@ MAX_SINGLE_INPUTS = 16
 
 MAX_CIPHERTEXT_BYTES = 640 * 1024
 """One serialised SEAL ciphertext at the top level is ~430 KB (compressed)."""
-MAX_CONTEXT_BYTES = 64 * 1024 * 1024
-"""A public context with Galois keys is ~53 MB, without ~2.6 MB."""
+MAX_CONTEXT_BYTES = 32 * 1024 * 1024
+"""A public context with the single layout's Galois keys is ~12 MB, without ~2.6 MB."""
+BABY_STEPS = 8
+"""Baby-step count of the second layer's diagonal method (single layout)."""
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -325,7 +372,72 @@ def _check_frame(data: bytes, *, tensor: bool, max_ciphertexts: int) -> _CipherF
     return _CipherFrame(shape=shape, n_ciphertexts=len(cts), batch_size=int(batch or 0))
 
 
+# --------------------------------------------------------------------------- SEAL bytes
+# sealapi (TenSEAL's SEAL binding) saves and loads through file paths only; a
+# private scratch file on tmpfs (/dev/shm when present) carries the bytes.
+
+_SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _seal_save(obj: Any) -> bytes:
+    fd, path = tempfile.mkstemp(prefix="fi-peer-he-", dir=_SCRATCH_DIR)
+    try:
+        os.close(fd)
+        obj.save(path)
+        with open(path, "rb") as fh:
+            return fh.read()
+    finally:
+        os.unlink(path)
+
+
+def _seal_load(obj: Any, seal_context: Any, data: bytes) -> None:
+    fd, path = tempfile.mkstemp(prefix="fi-peer-he-", dir=_SCRATCH_DIR)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        obj.load(seal_context, path)
+    finally:
+        os.unlink(path)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _frame_bytes(dims: Sequence[int], cts: Sequence[bytes], *, batch: int | None = None) -> bytes:
+    """TenSEAL's CKKSVectorProto / CKKSTensorProto (tensors.proto) around SEAL ciphertexts."""
+    packed = b"".join(_varint(d) for d in dims)
+    out = [_varint((1 << 3) | _LEN), _varint(len(packed)), packed]
+    for ct in cts:
+        out += [_varint((2 << 3) | _LEN), _varint(len(ct)), ct]
+    out += [_varint((3 << 3) | _I64), struct.pack("<d", _SCALE)]
+    if batch is not None:
+        out += [_varint((4 << 3) | _VARINT), _varint(batch)]
+    return b"".join(out)
+
+
 # --------------------------------------------------------------------------- contexts
+
+GALOIS_STEPS: tuple[int, ...] = (1, BABY_STEPS, 32, 64, 128, 256, 512, 1024, 2048)
+"""Rotation steps the single layout uses (module docs, Layouts): the first layer's
+all-reduce over the input blocks (strides 4096 / padded width x 2^k, within 32..2048
+for widths up to 128), the second layer's baby steps (1, repeated) and giant steps
+(BABY_STEPS, Horner). Nine Galois keys instead of TenSEAL's ~24: 9.5 MB seeded."""
+
+_CONTEXT_MAGIC = b"FIHE\x01"
+
+
+def _galois_elt(step: int) -> int:
+    """SEAL's Galois element for a left rotation by ``step`` slots: 3^step mod 2N."""
+    return pow(3, step, 2 * POLY_MODULUS_DEGREE)
 
 
 def context_digest(data: bytes) -> str:
@@ -354,31 +466,72 @@ def _check_params(ctx: Any) -> None:
         raise MalformedMessage(f"HE context scale {scale!r} is not 2^{SCALE_BITS}")
 
 
+class _Kit:
+    """SEAL evaluator, encoder and keys bound to one context (not thread-safe)."""
+
+    def __init__(self, ctx: Any, galois: Any | None) -> None:
+        self.seal = ctx.data.seal_context()
+        self.evaluator = sealapi.Evaluator(self.seal)
+        self.encoder = sealapi.CKKSEncoder(self.seal)
+        self.relin = ctx.data.relin_keys()
+        self.galois = galois
+        self.lock = threading.Lock()
+
+    def plain(self, values: Any, parms_id: Any, scale: float = _SCALE) -> Any:
+        pt = sealapi.Plaintext()
+        if isinstance(values, float):
+            self.encoder.encode(values, parms_id, scale, pt)
+        else:
+            self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), parms_id, scale, pt)
+        return pt
+
+    def rotate(self, ct: Any, step: int) -> Any:
+        out = sealapi.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, self.galois, out)
+        return out
+
+    def rescale(self, ct: Any) -> None:
+        """Rescale and pin the scale to 2^40 (primes are 2^40 (1 +- 1e-7): negligible)."""
+        self.evaluator.rescale_to_next_inplace(ct)
+        ct.scale = _SCALE
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class SecretContext:
     """The querier's context: holds the secret key. Never leaves the querier."""
 
     _ctx: Any = field(repr=False)
+    _galois: bytes = field(default=b"", repr=False)
+    _public: dict[bool, bytes] = field(default_factory=dict, repr=False)
 
     def public_bytes(self, *, galois_keys: bool = True) -> bytes:
-        """The public context to send to members: no secret key.
+        """The public context to send to members: no secret key (same bytes every call).
 
-        Galois keys (~51 of ~53 MB) are needed by the single layout only.
+        ``FIHE\\x01 | len(TenSEAL public context) (4 bytes) | TenSEAL public context
+        (public + relinearisation keys, 2.6 MB) | seeded SEAL Galois keys for
+        :data:`GALOIS_STEPS` (~9.5 MB, single layout only; empty without)``.
         """
-        if galois_keys and not self._ctx.has_galois_keys():
+        if galois_keys and not self._galois:
             raise LocalProtocolError("this context was created without Galois keys")
-        return bytes(
-            self._ctx.serialize(
-                save_public_key=True,
-                save_secret_key=False,
-                save_galois_keys=galois_keys,
-                save_relin_keys=True,
-            )
-        )
+        cached = self._public.get(galois_keys)
+        if cached is None:
+            base = self._public.get(False)
+            if base is None:
+                inner = bytes(
+                    self._ctx.serialize(
+                        save_public_key=True,
+                        save_secret_key=False,
+                        save_galois_keys=False,
+                        save_relin_keys=True,
+                    )
+                )
+                base = self._public[False] = _CONTEXT_MAGIC + struct.pack(">I", len(inner)) + inner
+            cached = self._public[galois_keys] = base + (self._galois if galois_keys else b"")
+        return cached
 
     @property
     def has_galois_keys(self) -> bool:
-        return bool(self._ctx.has_galois_keys())
+        return bool(self._galois)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -387,29 +540,45 @@ class PublicContext:
 
     _ctx: Any = field(repr=False)
     digest: str
+    _galois: Any = field(default=None, repr=False)
+    _kit: dict[int, _Kit] = field(default_factory=dict, repr=False)
 
     @property
     def has_galois_keys(self) -> bool:
-        return bool(self._ctx.has_galois_keys())
+        return self._galois is not None
+
+    def kit(self) -> _Kit:
+        """Evaluator, encoder and keys for the calling thread."""
+        key = threading.get_ident()
+        kit = self._kit.get(key)
+        if kit is None:
+            kit = self._kit[key] = _Kit(self._ctx, self._galois)
+        return kit
 
 
 def create_secret_context(*, galois_keys: bool = True) -> SecretContext:
     """A fresh CKKS key pair for the querier (128-bit security, see module docs).
 
-    ``galois_keys=False`` saves ~190 ms and 51 MB when only batched queries are made.
+    ``galois_keys=False`` saves the ~9.5 MB of rotation keys when only batched
+    queries are made. TenSEAL runs single-threaded here: members are separate
+    processes, and the custom evaluation below calls SEAL directly.
     """
     try:
         ctx = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=POLY_MODULUS_DEGREE,
             coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES),
+            n_threads=1,
         )
         ctx.global_scale = _SCALE
+        galois = b""
         if galois_keys:
-            ctx.generate_galois_keys()
-    except (ValueError, RuntimeError) as exc:  # pragma: no cover - fixed parameters
+            keygen = sealapi.KeyGenerator(ctx.data.seal_context(), ctx.data.secret_key())
+            seeded = keygen.create_galois_keys([_galois_elt(s) for s in GALOIS_STEPS])
+            galois = _seal_save(seeded)
+    except (ValueError, RuntimeError, OSError) as exc:  # pragma: no cover - fixed parameters
         raise LocalProtocolError(f"cannot create the CKKS context: {exc}") from exc
-    return SecretContext(ctx)
+    return SecretContext(ctx, galois)
 
 
 def _context_fields(data: bytes) -> None:
@@ -430,6 +599,8 @@ def _context_fields(data: bytes) -> None:
         inner.get(4), _LEN, "relin_keys"
     ):
         raise MalformedMessage("HE context lacks its public or relinearisation key")
+    if _single(inner.get(5), _LEN, "galois_keys"):
+        raise MalformedMessage("HE context carries TenSEAL's full Galois keys; expected none")
 
 
 def load_public_context(data: bytes, *, require_galois: bool = False) -> PublicContext:
@@ -437,24 +608,42 @@ def load_public_context(data: bytes, *, require_galois: bool = False) -> PublicC
 
     OversizedMessage above :data:`MAX_CONTEXT_BYTES`; MalformedMessage if it does
     not parse, holds a secret key, uses other parameters, or lacks Galois keys
-    while ``require_galois``.
+    (for every step of :data:`GALOIS_STEPS`) while ``require_galois``.
     """
     if len(data) > MAX_CONTEXT_BYTES:
         raise OversizedMessage(f"HE context of {len(data)} bytes exceeds {MAX_CONTEXT_BYTES}")
     if not data:
         raise MalformedMessage("empty HE context")
     data = bytes(data)
-    _context_fields(data)
+    head = len(_CONTEXT_MAGIC)
+    if not data.startswith(_CONTEXT_MAGIC) or len(data) < head + 4:
+        raise MalformedMessage("not an fi-peer HE context (bad magic)")
+    (inner_len,) = struct.unpack(">I", data[head : head + 4])
+    inner = data[head + 4 : head + 4 + inner_len]
+    galois_bytes = data[head + 4 + inner_len :]
+    if len(inner) != inner_len or not inner:
+        raise MalformedMessage("truncated HE context")
+    _context_fields(inner)
     try:
-        ctx = ts.context_from(data)
+        ctx = ts.context_from(inner, n_threads=1)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise MalformedMessage(f"undecodable HE context: {exc}") from exc
     if ctx.is_private() or ctx.has_secret_key():
         raise MalformedMessage("HE context holds a secret key")
     _check_params(ctx)
-    if require_galois and not ctx.has_galois_keys():
+    galois = None
+    if galois_bytes:
+        galois = sealapi.GaloisKeys()
+        try:
+            _seal_load(galois, ctx.data.seal_context(), galois_bytes)
+        except (ValueError, RuntimeError, TypeError, OSError) as exc:
+            raise MalformedMessage(f"undecodable Galois keys: {exc}") from exc
+        missing = [s for s in GALOIS_STEPS if not galois.has_key(_galois_elt(s))]
+        if missing:
+            raise MalformedMessage(f"Galois keys lack the rotation steps {missing}")
+    if require_galois and galois is None:
         raise MalformedMessage("HE context lacks Galois keys (needed by the single layout)")
-    return PublicContext(ctx, context_digest(data))
+    return PublicContext(ctx, context_digest(data), galois)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -553,8 +742,8 @@ class ContextAssembler:
 class ContextCache:
     """Loaded public contexts per (querier, digest), least recently used evicted.
 
-    A loaded context with Galois keys takes ~100 MB of memory: keep
-    ``max_entries`` small.
+    A loaded context with its nine Galois keys takes ~40 MB of memory (~100 MB
+    with TenSEAL's full set): keep ``max_entries`` small.
     """
 
     def __init__(self, *, max_entries: int = 4) -> None:
@@ -775,13 +964,30 @@ def _check_inputs(X: npt.ArrayLike, dim: int | None, max_rows: int) -> Array:
     return x
 
 
+def _symmetric_blob(kit: _Kit, encryptor: Any, values: Array) -> bytes:
+    """Seeded symmetric encryption (half the bytes of a public-key ciphertext)."""
+    pt = kit.plain(values, kit.seal.first_parms_id())
+    return _seal_save(encryptor.encrypt_symmetric(pt))
+
+
+def single_layout_vector(x: Array) -> Array:
+    """The 4,096 slots of one single-layout input: x zero-padded to a power of two
+    ``d`` and each value repeated 4096 / d times (slot s holds x[s // (4096 / d)])."""
+    width = _next_pow2(x.shape[-1])
+    padded = np.zeros(width)
+    padded[: x.shape[-1]] = x
+    return np.repeat(padded, SLOT_COUNT // width)
+
+
 def encrypt_inputs(
     ctx: SecretContext, X: npt.ArrayLike, *, layout: Layout | None = None
 ) -> EncryptedQuery:
     """Querier side: encrypt (n, d) inputs, layout chosen by n unless given.
 
-    Single: each input zero-padded to a power of two (needs Galois keys on the
-    members' side). Batched: inputs in the slots of one [1, d] tensor.
+    Single: one ciphertext per input in the layout of :func:`single_layout_vector`
+    (needs Galois keys on the members' side). Batched: a [1, d] tensor whose
+    ciphertext i holds feature i of every input, one input per slot. Both are
+    encrypted with the secret key (seeded: ~220 KB per ciphertext instead of 430).
     """
     x = _check_inputs(X, None, MAX_BATCH)
     n, dim = x.shape
@@ -789,19 +995,23 @@ def encrypt_inputs(
         raise ModelError(f"input width {dim} exceeds the HE limit of {MAX_INPUT_DIM}")
     chosen = layout if layout is not None else choose_layout(n)
     try:
+        kit = _Kit(ctx._ctx, None)
+        encryptor = sealapi.Encryptor(kit.seal, ctx._ctx.data.secret_key())
         if chosen is Layout.SINGLE:
             if not ctx.has_galois_keys:
                 raise LocalProtocolError("the single layout needs a context with Galois keys")
-            width = _next_pow2(dim)
-            padded = np.zeros((n, width))
-            padded[:, :dim] = x
             blobs = tuple(
-                bytes(ts.ckks_vector(ctx._ctx, row.tolist()).serialize()) for row in padded
+                _frame_bytes(
+                    [SLOT_COUNT], [_symmetric_blob(kit, encryptor, single_layout_vector(row))]
+                )
+                for row in x
             )
         else:
-            plain = ts.plain_tensor(x.reshape(n, 1, dim).tolist(), dtype="float")
-            blobs = (bytes(ts.ckks_tensor(ctx._ctx, plain, batch=True).serialize()),)
-    except (ValueError, RuntimeError, TypeError) as exc:
+            cols = np.zeros((dim, SLOT_COUNT))
+            cols[:, :n] = x.T
+            cts = [_symmetric_blob(kit, encryptor, col) for col in cols]
+            blobs = (_frame_bytes([1, dim], cts, batch=n),)
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
         raise LocalProtocolError(f"encryption failed: {exc}") from exc
     return EncryptedQuery(layout=chosen, n_inputs=n, input_dim=dim, blobs=blobs)
 
@@ -845,9 +1055,91 @@ def dp_noise_std(sigma: float, threshold: int) -> float:
         raise LocalProtocolError(str(exc)) from exc
 
 
+def single_layout_width(model: HEModel) -> int:
+    """Replication period of a model's single-layout answer (slot s holds output
+    s mod width; outputs >= output_dim are padding): the padded hidden/output width.
+    ModelError if it exceeds 4096 / padded input width (use the batched layout)."""
+    inner = [model.output_dim] if len(model.layers) == 1 else [model.hidden_dim, model.output_dim]
+    width = _next_pow2(max(inner))
+    if width > SLOT_COUNT // model.padded_input_dim:
+        raise ModelError(
+            f"single layout: padded width {width} x padded input {model.padded_input_dim} "
+            f"exceeds {SLOT_COUNT} slots; use the batched layout"
+        )
+    return width
+
+
+class _SinglePlan:
+    """A model's plaintext weights in the single layout, encoded once per level."""
+
+    def __init__(self, model: HEModel) -> None:
+        self.model = model
+        self.width = width = single_layout_width(model)
+        dp = model.padded_input_dim
+        self.stride = SLOT_COUNT // dp
+        s = np.arange(SLOT_COUNT)
+        first = model.layers[0]
+        w1 = np.zeros((dp, width))
+        w1[: model.input_dim, : first.weight.shape[1]] = first.weight
+        self.arrays: dict[Any, Array | None] = {"p1": w1[s // self.stride, s % width]}
+        b1 = np.zeros(width)
+        b1[: first.bias.shape[0]] = first.bias
+        self.first_bias = b1
+        self.last_bias = b1
+        self.baby = self.giant = 0
+        if len(model.layers) == 2:
+            second = model.layers[1]
+            w2 = np.zeros((width, width))
+            w2[: model.hidden_dim, : model.output_dim] = second.weight
+            self.baby = min(BABY_STEPS, width)
+            self.giant = width // self.baby
+            for g in range(self.giant):
+                for b in range(self.baby):
+                    d = g * self.baby + b
+                    diag = np.roll(w2[(s + d) % width, s % width], g * self.baby)
+                    self.arrays["d", g, b] = diag if np.any(diag) else None
+            self.arrays["b1"] = b1[s % width]
+            b2 = np.zeros(width)
+            b2[: model.output_dim] = second.bias
+            self.last_bias = b2
+        self._encoded: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def plain(self, kit: _Kit, name: Any, parms_id: Any) -> Any | None:
+        key = (name, tuple(parms_id))
+        with self._lock:
+            pt = self._encoded.get(key)
+        if pt is None:
+            values = self.arrays[name]
+            if values is None or not np.any(np.abs(values) * _SCALE >= 1.0):
+                return None  # a zero plaintext: its product would be transparent
+            pt = kit.plain(values, parms_id)
+            with self._lock:
+                self._encoded[key] = pt
+        return pt
+
+
+_PLANS: OrderedDict[int, _SinglePlan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+
+
+def _single_plan(model: HEModel) -> _SinglePlan:
+    with _PLANS_LOCK:
+        plan = _PLANS.get(id(model))
+        if plan is not None and plan.model is model:
+            _PLANS.move_to_end(id(model))
+            return plan
+    plan = _SinglePlan(model)
+    with _PLANS_LOCK:
+        _PLANS[id(model)] = plan
+        while len(_PLANS) > 8:
+            _PLANS.popitem(last=False)
+    return plan
+
+
 def evaluate(
     ctx: PublicContext,
-    model: HEModel,
+    model: HEModel | KernelEvidenceModel,
     query: EncryptedQuery,
     *,
     noise_std: float = 0.0,
@@ -870,79 +1162,449 @@ def evaluate(
     gen = rng if rng is not None else np.random.default_rng(0)
     out_dim = model.output_dim
 
-    def noise(rows: int) -> Array:
+    def noise(rows: int, cols: int = out_dim) -> Array:
         if noise_std == 0:
-            return np.zeros((rows, out_dim))
-        return gen.normal(0.0, noise_std, size=(rows, out_dim))
+            return np.zeros((rows, cols))
+        return gen.normal(0.0, noise_std, size=(rows, cols))
 
     try:
-        if query.layout is Layout.SINGLE:
+        if isinstance(model, KernelEvidenceModel):
+            if query.layout is not Layout.SINGLE or not ctx.has_galois_keys:
+                raise ModelError("kernel evidence: single layout with Galois keys only")
+            kplan = _kernel_plan(model)
+            blobs = tuple(
+                _evaluate_kernel(ctx, kplan, blob, noise(1, KERNEL_PERIOD)[0])
+                for blob in query.blobs
+            )
+        elif query.layout is Layout.SINGLE:
             if not ctx.has_galois_keys:
                 raise MalformedMessage("single-layout query but the context has no Galois keys")
+            plan = _single_plan(model)
             blobs = tuple(
-                _evaluate_single(ctx._ctx, model, blob, noise(1)[0]) for blob in query.blobs
+                _evaluate_single(ctx, plan, blob, noise(1, plan.width)[0]) for blob in query.blobs
             )
         else:
-            blobs = (_evaluate_batched(ctx._ctx, model, query, noise(SLOT_COUNT)),)
+            blobs = (_evaluate_batched(ctx, model, query, noise(SLOT_COUNT)),)
     except (MalformedMessage, OversizedMessage, ModelError, LocalProtocolError):
         raise
-    except (ValueError, RuntimeError, TypeError) as exc:
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
         raise ModelError(f"HE evaluation failed: {exc}") from exc
     return EncryptedOutput(
         layout=query.layout, n_inputs=query.n_inputs, output_dim=out_dim, blobs=blobs
     )
 
 
-def _evaluate_single(ctx: Any, model: HEModel, blob: bytes, noise: Array) -> bytes:
-    width = model.padded_input_dim
-    vec = _load_vector(ctx, blob, size=width, top_level=True)
-    first = model.layers[0]
-    w1 = np.zeros((width, first.weight.shape[1]))
-    w1[: model.input_dim] = first.weight
-    if len(model.layers) == 1:
-        out = vec.mm(w1)
-        last_bias = first.bias
+def _zero_like(kit: _Kit, ctx: PublicContext, parms_id: Any) -> Any:
+    """A fresh encryption of zero (a layer whose weights are all zero)."""
+    out = sealapi.Ciphertext()
+    sealapi.Encryptor(kit.seal, ctx._ctx.data.public_key()).encrypt_zero(parms_id, out)
+    out.scale = _SCALE
+    return out
+
+
+def _to_last_level(kit: _Kit, ct: Any) -> bytes:
+    """Mod-switch to the last level (smallest reply, one level for every sum) and save."""
+    while ct.coeff_modulus_size() > 1:
+        kit.evaluator.mod_switch_to_next_inplace(ct)
+    return _seal_save(ct)
+
+
+def _evaluate_single(ctx: PublicContext, plan: _SinglePlan, blob: bytes, noise: Array) -> bytes:
+    """Packed evaluation with few rotations (module docs, Layouts): one plaintext
+    product by W1 in the input's layout, log2(d) rotate-and-adds (all-reduce over
+    the input blocks, done at scale 2^80 so the key-switching noise of the 38-bit
+    special prime stays far below the signal), x^2, then W2 by the diagonal method
+    with baby steps (rotations by 1) and giant steps (Horner, rotations by 8)."""
+    kit = ctx.kit()
+    ev = kit.evaluator
+    model = plan.model
+    ct = _load_vector(ctx._ctx, blob, size=SLOT_COUNT, top_level=True).ciphertext()[0]
+    p1 = plan.plain(kit, "p1", ct.parms_id())
+    if p1 is None:
+        ct = _zero_like(kit, ctx, ct.parms_id())
     else:
-        hidden = _next_pow2(model.hidden_dim)
-        w1p = np.zeros((width, hidden))
-        w1p[:, : model.hidden_dim] = w1
-        b1 = np.zeros(hidden)
-        b1[: model.hidden_dim] = first.bias
-        h = vec.mm(w1p)
-        h = h + ts.ckks_vector(ctx, b1.tolist())  # encrypted: replicated like h
-        h.square_()
-        second = model.layers[1]
-        w2 = np.zeros((hidden, model.output_dim))
-        w2[: model.hidden_dim] = second.weight
-        out = h.mm(w2)
-        last_bias = second.bias
-    out = out + ts.ckks_vector(ctx, (last_bias + noise).tolist())
-    return bytes(out.serialize())
-
-
-def _evaluate_batched(ctx: Any, model: HEModel, query: EncryptedQuery, noise: Array) -> bytes:
-    n = query.n_inputs
-    tensor = _load_tensor(ctx, query.blobs[0], width=model.input_dim, batch=n, top_level=True)
-    first = model.layers[0]
-    out = tensor.mm(first.weight.tolist()) + first.bias[None, :].tolist()
+        ev.multiply_plain_inplace(ct, p1)
+        step = plan.stride
+        while step < SLOT_COUNT:
+            ev.add_inplace(ct, kit.rotate(ct, step))
+            step *= 2
+    kit.rescale(ct)
     if len(model.layers) == 2:
-        out.square_()
+        b1 = plan.plain(kit, "b1", ct.parms_id())
+        if b1 is not None:
+            ev.add_plain_inplace(ct, b1)
+        ev.square_inplace(ct)
+        ev.relinearize_inplace(ct, kit.relin)
+        babies = [ct]
+        for _ in range(1, plan.baby):
+            babies.append(kit.rotate(babies[-1], 1))  # at scale 2^80, as above
+        for c in babies:
+            kit.rescale(c)
+        acc: Any = None
+        for g in reversed(range(plan.giant)):
+            inner: Any = None
+            for b in range(plan.baby):
+                pt = plan.plain(kit, ("d", g, b), babies[b].parms_id())
+                if pt is None:
+                    continue
+                term = sealapi.Ciphertext()
+                ev.multiply_plain(babies[b], pt, term)
+                if inner is None:
+                    inner = term
+                else:
+                    ev.add_inplace(inner, term)
+            if acc is not None:
+                acc = kit.rotate(acc, plan.baby)
+                if inner is not None:
+                    ev.add_inplace(acc, inner)
+            else:
+                acc = inner
+        if acc is None:
+            acc = _zero_like(kit, ctx, babies[0].parms_id())
+            acc.scale = _SCALE * _SCALE
+        kit.rescale(acc)
+        ct = acc
+    # Bias and noise, replicated with the answer's period: every slot is noised
+    # (padding slots by their own draws, so the evaluation error stays hidden too).
+    tail = plan.last_bias + noise
+    s = np.arange(SLOT_COUNT)
+    ev.add_plain_inplace(ct, kit.plain(tail[s % plan.width], ct.parms_id()))
+    return _frame_bytes([SLOT_COUNT], [_to_last_level(kit, ct)])
+
+
+# --------------------------------------------------------------------------- kernel evidence
+
+KERNEL_SIDE = 64
+"""D: the kernel's feature vector u(x) has D = 64 coordinates, so the querier's
+outer product u(x) u(x)^T fills the 4,096 slots exactly."""
+KERNEL_CENTRE = 0.35
+"""Public centre subtracted from every input feature (inputs scaled to [0, 1])."""
+KERNEL_BIAS = 0.1
+"""Public weight of the constant coordinate of u(x) (before normalising)."""
+KERNEL_PERIOD = 32
+"""Replication period of the kernel answer (classes <= 32; the support layout's period)."""
+KERNEL_L2_SENSITIVITY = 1.0
+"""Add/remove one training record: one class coordinate moves by k(x, x_j) in [0, 1]."""
+KERNEL_REPLACE_ONE_SENSITIVITY = math.sqrt(2.0)
+"""Replace one record: two class coordinates move by at most 1 each."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFeatureMap:
+    """The public map x -> u(x) of the kernel evidence (the querier and every member
+    of a task use the same one): the kept input features minus ``centre``, scaled to
+    unit norm, a constant ``bias`` prepended, the whole scaled to unit norm and
+    zero-padded to :data:`KERNEL_SIDE`. Hence u(x) . u(x') lies in [-1, 1] and
+    k(x, x') = (u(x) . u(x'))^2 in [0, 1] for ANY inputs (bounded sensitivity)."""
+
+    input_dim: int
+    keep: tuple[int, ...]
+    centre: float = KERNEL_CENTRE
+    bias: float = KERNEL_BIAS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.input_dim <= MAX_INPUT_DIM:
+            raise ModelError(f"kernel evidence: input width {self.input_dim} out of range")
+        keep = tuple(int(i) for i in self.keep)
+        if (
+            not 1 <= len(keep) <= KERNEL_SIDE - 1
+            or len(set(keep)) != len(keep)
+            or min(keep) < 0
+            or max(keep) >= self.input_dim
+        ):
+            raise ModelError(
+                f"kernel evidence keeps 1..{KERNEL_SIDE - 1} distinct input features, got {keep}"
+            )
+        if not (math.isfinite(self.centre) and math.isfinite(self.bias) and self.bias > 0):
+            raise ModelError("kernel evidence: centre must be finite and bias > 0")
+        object.__setattr__(self, "keep", keep)
+
+    def __call__(self, X: npt.ArrayLike) -> Array:
+        """(n, input_dim) -> (n, KERNEL_SIDE) unit vectors u(x)."""
+        x = _check_inputs(X, self.input_dim, MAX_BATCH * 1024)
+        z = x[:, list(self.keep)] - self.centre
+        norms = np.linalg.norm(z, axis=1, keepdims=True)
+        z = np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
+        u = np.zeros((x.shape[0], KERNEL_SIDE))
+        u[:, 0] = self.bias
+        u[:, 1 : 1 + z.shape[1]] = z
+        out: Array = u / np.linalg.norm(u, axis=1, keepdims=True)
+        return out
+
+
+def kernel_feature_map(input_dim: int) -> KernelFeatureMap:
+    """The task's public feature map for ``input_dim`` inputs: all features if they
+    fit (<= 63), for 64 (digits) all but feature 0 (the top-left pixel, zero in every
+    digits image); wider inputs raise ModelError (reduce them first)."""
+    if input_dim <= KERNEL_SIDE - 1:
+        return KernelFeatureMap(input_dim, tuple(range(input_dim)))
+    if input_dim == KERNEL_SIDE:
+        return KernelFeatureMap(input_dim, tuple(range(1, input_dim)))
+    raise ModelError(f"kernel evidence takes at most {KERNEL_SIDE} input features, got {input_dim}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class KernelEvidenceModel:
+    """A member's polynomial-kernel evidence: ``E_c(x) = sum_{j: y_j = c} (u(x) . u(x_j))^2``
+    over its own training points, ``= <M_c, u(x) u(x)^T>`` with the second moments
+    ``M_c = sum_{j: y_j = c} u(x_j) u(x_j)^T`` (shape (C, 64, 64)).
+
+    Each record adds one kernel value in [0, 1] to one class: L2 sensitivity 1
+    (add/remove), sqrt(2) (replace one), whatever x is, as the default mode's
+    ``evidence`` rule. Encrypted, it is ONE plaintext linear map of the querier's
+    encrypted outer product (:func:`encrypt_kernel_inputs`, :func:`evaluate`):
+    depth 1, no square on the member's side.
+    """
+
+    feature_map: KernelFeatureMap
+    moments: Array
+
+    def __post_init__(self) -> None:
+        m = np.array(self.moments, dtype=np.float64)
+        if m.ndim != 3 or m.shape[1:] != (KERNEL_SIDE, KERNEL_SIDE) or m.shape[0] < 1:
+            raise ModelError(
+                f"kernel moments must be (C, {KERNEL_SIDE}, {KERNEL_SIDE}), got {m.shape}"
+            )
+        if m.shape[0] > KERNEL_PERIOD:
+            raise ModelError(f"kernel evidence serves at most {KERNEL_PERIOD} classes")
+        if not np.all(np.isfinite(m)):
+            raise ModelError("kernel moments hold NaN or infinity")
+        m.setflags(write=False)
+        object.__setattr__(self, "moments", m)
+
+    @property
+    def input_dim(self) -> int:
+        return self.feature_map.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.moments.shape[0])
+
+    def forward(self, X: npt.ArrayLike) -> Array:
+        """Plaintext reference: (n, input_dim) -> (n, C) evidence."""
+        u = self.feature_map(X)
+        out: Array = np.einsum("na,cab,nb->nc", u, self.moments, u)
+        return out
+
+
+def kernel_evidence_model(
+    X: npt.ArrayLike,
+    y: npt.ArrayLike,
+    n_classes: int,
+    feature_map: KernelFeatureMap | None = None,
+) -> KernelEvidenceModel:
+    """A member's kernel evidence from its training data (X scaled to [0, 1])."""
+    x = _check_inputs(X, None, 10**9)
+    labels = np.asarray(y)
+    if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ModelError("need one integer label per training row")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ModelError(f"labels must lie in [0, {n_classes})")
+    fmap = feature_map if feature_map is not None else kernel_feature_map(x.shape[1])
+    u = fmap(x)
+    moments = np.zeros((n_classes, KERNEL_SIDE, KERNEL_SIDE))
+    for c in range(n_classes):
+        uc = u[labels == c]
+        moments[c] = uc.T @ uc
+    return KernelEvidenceModel(fmap, moments)
+
+
+def kernel_query_vector(u: Array) -> Array:
+    """The 4,096 slots of one kernel query: the outer product u u^T, row-major."""
+    out: Array = np.outer(u, u).ravel()
+    return out
+
+
+def encrypt_kernel_inputs(
+    ctx: SecretContext, X: npt.ArrayLike, feature_map: KernelFeatureMap
+) -> EncryptedQuery:
+    """Querier side of the kernel evidence: one ciphertext of u(x) u(x)^T per input
+    (the querier squares in the clear; single layout, needs Galois keys)."""
+    x = _check_inputs(X, feature_map.input_dim, MAX_SINGLE_INPUTS)
+    if not ctx.has_galois_keys:
+        raise LocalProtocolError("the kernel evidence needs a context with Galois keys")
+    try:
+        kit = _Kit(ctx._ctx, None)
+        encryptor = sealapi.Encryptor(kit.seal, ctx._ctx.data.secret_key())
+        blobs = tuple(
+            _frame_bytes([SLOT_COUNT], [_symmetric_blob(kit, encryptor, kernel_query_vector(u))])
+            for u in feature_map(x)
+        )
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
+        raise LocalProtocolError(f"encryption failed: {exc}") from exc
+    return EncryptedQuery(
+        layout=Layout.SINGLE, n_inputs=x.shape[0], input_dim=feature_map.input_dim, blobs=blobs
+    )
+
+
+class _KernelPlan:
+    """The kernel evidence as the hybrid diagonal method over the period w = 32:
+    ``T[s] = sum_{k < w} ct[s + k] W[s mod w, s + k]`` then sum the 4096 / w blocks
+    (rotate-and-add), so every slot s holds E[s mod w]. k = 8 g + b: baby steps b
+    (rotations by 1), giant steps g (Horner, rotations by 8); plaintext
+    ``P'_{g,b} = roll(P_{8g+b}, 8g)``."""
+
+    def __init__(self, model: KernelEvidenceModel) -> None:
+        self.model = model
+        w = KERNEL_PERIOD
+        s = np.arange(SLOT_COUNT)
+        weights = np.zeros((w, SLOT_COUNT))
+        weights[: model.output_dim] = model.moments.reshape(model.output_dim, -1)
+        self.baby = BABY_STEPS
+        self.giant = w // BABY_STEPS
+        self.arrays: dict[Any, Array | None] = {}
+        for g in range(self.giant):
+            for b in range(self.baby):
+                k = g * self.baby + b
+                diag = np.roll(weights[s % w, (s + k) % SLOT_COUNT], g * self.baby)
+                self.arrays[g, b] = diag if np.any(diag) else None
+        self._encoded: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def plain(self, kit: _Kit, name: Any, parms_id: Any) -> Any | None:
+        key = (name, tuple(parms_id))
+        with self._lock:
+            pt = self._encoded.get(key)
+        if pt is None:
+            values = self.arrays[name]
+            if values is None:
+                return None
+            pt = kit.plain(values, parms_id)
+            with self._lock:
+                self._encoded[key] = pt
+        return pt
+
+
+_KERNEL_PLANS: OrderedDict[int, _KernelPlan] = OrderedDict()
+
+
+def _kernel_plan(model: KernelEvidenceModel) -> _KernelPlan:
+    with _PLANS_LOCK:
+        plan = _KERNEL_PLANS.get(id(model))
+        if plan is not None and plan.model is model:
+            _KERNEL_PLANS.move_to_end(id(model))
+            return plan
+    plan = _KernelPlan(model)
+    with _PLANS_LOCK:
+        _KERNEL_PLANS[id(model)] = plan
+        while len(_KERNEL_PLANS) > 8:
+            _KERNEL_PLANS.popitem(last=False)
+    return plan
+
+
+def _evaluate_kernel(ctx: PublicContext, plan: _KernelPlan, blob: bytes, noise: Array) -> bytes:
+    """One encrypted outer product -> every slot s holds E[s mod 32] + noise.
+
+    The fresh input (scale 2^40) is first multiplied by a constant plaintext at
+    scale ~2^40 so that every rotation runs at scale ~2^80 (the 38-bit special
+    prime's key-switching noise, ~2^37, would be an error ~1 at 2^40); the
+    constant's scale is q2 q3 / 2^40 so that the result is exactly at 2^40 after
+    the two rescales."""
+    kit = ctx.kit()
+    ev = kit.evaluator
+    ct = _load_vector(ctx._ctx, blob, size=SLOT_COUNT, top_level=True).ciphertext()[0]
+    primes = [m.value() for m in kit.seal.get_context_data(ct.parms_id()).parms().coeff_modulus()]
+    lift = float(primes[-1]) * float(primes[-2]) / _SCALE
+    ev.multiply_plain_inplace(ct, kit.plain(1.0, ct.parms_id(), lift))
+    babies = [ct]
+    for _ in range(1, plan.baby):
+        babies.append(kit.rotate(babies[-1], 1))
+    acc: Any = None
+    for g in reversed(range(plan.giant)):
+        inner: Any = None
+        for b in range(plan.baby):
+            pt = plan.plain(kit, (g, b), ct.parms_id())
+            if pt is None:
+                continue
+            term = sealapi.Ciphertext()
+            ev.multiply_plain(babies[b], pt, term)
+            if inner is None:
+                inner = term
+            else:
+                ev.add_inplace(inner, term)
+        if inner is not None:
+            ev.rescale_to_next_inplace(inner)  # 2^120 -> ~2^80: cheaper rotations below
+        if acc is not None:
+            acc = kit.rotate(acc, plan.baby)
+            if inner is not None:
+                ev.add_inplace(acc, inner)
+        else:
+            acc = inner
+    if acc is None:  # no training data at all: an encryption of zero
+        acc = _zero_like(kit, ctx, ct.parms_id())
+        acc.scale = ct.scale * _SCALE
+        ev.rescale_to_next_inplace(acc)
+    step = KERNEL_PERIOD
+    while step < SLOT_COUNT:
+        ev.add_inplace(acc, kit.rotate(acc, step))
+        step *= 2
+    ev.rescale_to_next_inplace(acc)
+    acc.scale = _SCALE  # exact up to float rounding: lift was chosen for it
+    s = np.arange(SLOT_COUNT)
+    ev.add_plain_inplace(acc, kit.plain(noise[s % KERNEL_PERIOD], acc.parms_id()))
+    return _frame_bytes([SLOT_COUNT], [_to_last_level(kit, acc)])
+
+
+def _evaluate_batched(
+    ctx: PublicContext, model: HEModel, query: EncryptedQuery, noise: Array
+) -> bytes:
+    """Inputs in the slots: plain scalar products, one rescale per output ciphertext
+    (lazy rescaling), no rotations."""
+    n = query.n_inputs
+    kit = ctx.kit()
+    ev = kit.evaluator
+    tensor = _load_tensor(ctx._ctx, query.blobs[0], width=model.input_dim, batch=n, top_level=True)
+    layer_in = list(tensor.ciphertext())
+
+    def linear(cts: list[Any], weight: Array) -> list[Any]:
+        outs = []
+        for j in range(weight.shape[1]):
+            acc: Any = None
+            for i, ct in enumerate(cts):
+                w = float(weight[i, j])
+                if abs(w) * _SCALE < 1.0:  # encodes to a zero plaintext (SEAL: transparent)
+                    continue
+                term = sealapi.Ciphertext()
+                ev.multiply_plain(ct, kit.plain(w, ct.parms_id()), term)
+                if acc is None:
+                    acc = term
+                else:
+                    ev.add_inplace(acc, term)
+            if acc is None:
+                acc = _zero_like(kit, ctx, cts[0].parms_id())
+                acc.scale = _SCALE * _SCALE
+            kit.rescale(acc)
+            outs.append(acc)
+        return outs
+
+    first = model.layers[0]
+    outs = linear(layer_in, first.weight)
+    last_bias = first.bias
+    if len(model.layers) == 2:
+        for h, ct in enumerate(outs):
+            if abs(first.bias[h]) * _SCALE >= 1.0:
+                ev.add_plain_inplace(ct, kit.plain(float(first.bias[h]), ct.parms_id()))
+            ev.square_inplace(ct)
+            ev.relinearize_inplace(ct, kit.relin)
+            kit.rescale(ct)
         second = model.layers[1]
-        out = out.mm(second.weight.tolist()) + second.bias[None, :].tolist()
+        outs = linear(outs, second.weight)
+        last_bias = second.bias
     # Noise in every slot: rows < n for the inputs, one shared extra row for the
     # unused slots (which hold the answer at x = 0: one more noisy release).
     flood = noise.copy()
     if n < SLOT_COUNT:
         flood[n:] = noise[n]
-    noise_tensor = ts.ckks_tensor(
-        ctx, ts.plain_tensor(flood.reshape(SLOT_COUNT, 1, model.output_dim).tolist()), batch=True
-    )
-    return bytes((out + noise_tensor).serialize())
+    blobs = []
+    for j, ct in enumerate(outs):
+        ev.add_plain_inplace(ct, kit.plain(flood[:, j] + last_bias[j], ct.parms_id()))
+        blobs.append(_to_last_level(kit, ct))
+    return _frame_bytes([1, model.output_dim], blobs, batch=n)
 
 
 def _load_output(ctx: Any, out: EncryptedOutput) -> list[Any]:
     if out.layout is Layout.SINGLE:
-        return [_load_vector(ctx, b, size=out.output_dim, top_level=False) for b in out.blobs]
+        return [_load_vector(ctx, b, size=SLOT_COUNT, top_level=False) for b in out.blobs]
     return [
         _load_tensor(ctx, out.blobs[0], width=out.output_dim, batch=out.n_inputs, top_level=False)
     ]
@@ -971,7 +1633,7 @@ def decrypt_outputs(ctx: SecretContext, out: EncryptedOutput) -> Array:
     loaded = _load_output(ctx._ctx, out)
     try:
         if out.layout is Layout.SINGLE:
-            rows = [np.asarray(v.decrypt(), dtype=np.float64) for v in loaded]
+            rows = [np.asarray(v.decrypt(), dtype=np.float64)[: out.output_dim] for v in loaded]
             return np.vstack(rows)
         values = np.asarray(loaded[0].decrypt().tolist(), dtype=np.float64)
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -1042,7 +1704,7 @@ class AggregationTree:
 
 def contribute(
     ctx: PublicContext,
-    model: HEModel,
+    model: HEModel | KernelEvidenceModel,
     query: EncryptedQuery,
     *,
     member: str,

@@ -34,6 +34,7 @@ class HEEvaluate:
     digest: str
     blobs: tuple[bytes, ...] = field(repr=False)
     noise_std: float
+    rule: str = "support"  # which served HE vector (fi_peer.he_runtime.HERuntime.served)
 
 
 @dataclass(frozen=True, slots=True)

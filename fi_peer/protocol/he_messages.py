@@ -6,6 +6,7 @@ are reused as they are)::
     querier --HERequest (gossip: no input, the context digest)--> every peer
     member  --HEOffer (price, has_context)-----------------------> querier
     querier --HEContextChunk x n (only if not has_context)-------> member
+    member  --HEContextAck per chunk (the querier sends the next)-> querier
     querier --HEAccept (committee, t, noise, the ciphertext)-----> member
     member  --HEReady (evaluated, noised inside, charged)--------> querier
     querier --HERoute (the live members)-------------------------> each live member
@@ -40,7 +41,14 @@ HE_MAX_INPUTS = 1
 HE_MAX_BLOB = 480 * 1024
 HE_CHUNK_BYTES = 448 * 1024
 """Public-context chunk payload: a chunk envelope stays below 512 KiB."""
-HE_MAX_CHUNKS = 256
+HE_MAX_CHUNKS = 72
+"""A context of at most 72 x 448 KiB = 31.5 MiB (he.MAX_CONTEXT_BYTES is 32 MiB; the
+single layout's context is ~12 MB): what a member may be asked to buffer per querier."""
+HE_CONTEXT_WINDOW = 4
+"""Chunks of a context in flight per member: the querier sends the next one when
+the member acknowledges one (HEContextAck), so no chunk waits long in a
+transport's buffers (chunks are sealed when they leave, and a chunk older than
+the replay window is refused)."""
 HE_LAYOUTS = ("single",)
 HE_ENVELOPE = 512 * 1024
 
@@ -211,6 +219,22 @@ class HEContextChunk:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HEContextAck:
+    """Member -> querier: chunk ``index`` of context ``digest`` arrived (credit-based
+    flow control of the transfer: see HE_CONTEXT_WINDOW)."""
+
+    KIND: ClassVar[str] = "he_context_ack"
+    MAX_ENVELOPE: ClassVar[int] = 512
+
+    digest: str
+    index: int
+
+    def __post_init__(self) -> None:
+        _digest(self.digest)
+        _int(self.index, "index", 0, HE_MAX_CHUNKS - 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HEAccept:
     """Querier -> member: the committee (its aggregation order is derived from the
     query id, not chosen by the querier), threshold, noise, escrow, and the
@@ -304,12 +328,15 @@ class HEPartial:
         _blobs(self.blobs, "blobs", HE_MAX_INPUTS, HE_MAX_BLOB)
 
 
-HEMessage = HERequest | HEOffer | HEContextChunk | HEAccept | HEReady | HERoute | HEPartial
+HEMessage = (
+    HERequest | HEOffer | HEContextChunk | HEContextAck | HEAccept | HEReady | HERoute | HEPartial
+)
 
 HE_MESSAGE_TYPES: tuple[type[HEMessage], ...] = (
     HERequest,
     HEOffer,
     HEContextChunk,
+    HEContextAck,
     HEAccept,
     HEReady,
     HERoute,

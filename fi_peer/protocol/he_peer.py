@@ -25,6 +25,7 @@ from fi_peer.protocol.he_effects import HECombine, HEEvaluate
 from fi_peer.protocol.he_messages import (
     HE_MAX_INPUTS,
     HEAccept,
+    HEContextAck,
     HEContextChunk,
     HEOffer,
     HEPartial,
@@ -90,6 +91,8 @@ class HECoreMixin:
                 return he.reap(he.query(msg.query_id).on_ready(sender, msg, now_ms))
             case HEContextChunk():
                 return member.on_chunk(sender, msg, now_ms)
+            case HEContextAck():
+                return he.on_context_ack(sender, msg)
             case HEAccept():
                 return member.on_accept(sender, msg, now_ms)
             case HERoute():

@@ -17,7 +17,10 @@ driver's, asked for with the effects of he_effects.py)::
 
 Public context: the querier's context digest is in every HERequest; a member
 answers ``has_context`` in its offer, and the querier sends the chunks only to
-members without it, before the HEAccept. Members cache loaded contexts per
+members without it, before the HEAccept, credit-based (:class:`ContextTransfers`:
+``HE_CONTEXT_WINDOW`` chunks in flight per member, each HEContextAck releases
+the next), so no chunk waits in a transport buffer past the replay window, however
+many members load at once. Members cache loaded contexts per
 (querier, digest) (least recently used, ``max_contexts``); a member takes
 chunks only for a digest named by an open request of that querier, so nobody
 can make it hold unsolicited megabytes.
@@ -79,8 +82,10 @@ from fi_peer.protocol.he_effects import (
 )
 from fi_peer.protocol.he_messages import (
     HE_CHUNK_BYTES,
+    HE_CONTEXT_WINDOW,
     HE_MAX_CHUNKS,
     HEAccept,
+    HEContextAck,
     HEContextChunk,
     HEOffer,
     HEPartial,
@@ -160,9 +165,60 @@ class HEConfig:
     max_pending_contexts: int = 4
     # Querier: a context transfer still under way is not started again before this.
     resend_ms: int = 120_000
+    # Member: the rules whose HE vector it serves (fi_peer.he_runtime.HERuntime.rules);
+    # others are declined at once ("rule_unsupported"). None: any rule of the card.
+    rules: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- querier
+
+
+class ContextTransfers:
+    """The querier's transfers of its public context, credit-based: at most
+    ``window`` chunks unacknowledged per member; each HEContextAck of a chunk in
+    flight releases the next one. Shared by this peer's HE queries (a transfer
+    outlives the query that started it). A lost chunk stalls only its transfer;
+    ``HEConfig.resend_ms`` later a new query starts it again."""
+
+    def __init__(self, window: int = HE_CONTEXT_WINDOW) -> None:
+        if window < 1:
+            raise LocalProtocolError("the transfer window is >= 1 chunk")
+        self.window = window
+        self.chunks: tuple[HEContextChunk, ...] = ()
+        self._next: dict[str, int] = {}
+        self._acked: dict[str, set[int]] = {}
+
+    def reset(self, chunks: tuple[HEContextChunk, ...]) -> None:
+        self.chunks = chunks
+        self._next.clear()
+        self._acked.clear()
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(self._next)
+
+    def start(self, peer: str) -> HESendChunks:
+        first = min(self.window, len(self.chunks))
+        self._next[peer] = first
+        self._acked[peer] = set()
+        return HESendChunks(peer, self.chunks[:first])
+
+    def on_ack(self, peer: str, ack: HEContextAck) -> list[Effect]:
+        nxt = self._next.get(peer)
+        if nxt is None or not self.chunks or ack.digest != self.chunks[0].digest:
+            raise UnexpectedMessage("acknowledgement of no context transfer under way")
+        if ack.index >= nxt:
+            raise UnexpectedMessage("acknowledgement of a chunk not sent")
+        acked = self._acked[peer]
+        acked.add(ack.index)
+        if len(acked) == len(self.chunks):
+            del self._next[peer], self._acked[peer]
+            return []
+        end = min(len(acked) + self.window, len(self.chunks))
+        if end <= nxt:
+            return []
+        self._next[peer] = end
+        return [HESendChunks(peer, self.chunks[nxt:end])]
 
 
 class HQState(enum.Enum):
@@ -191,9 +247,11 @@ class HEQuerySession:
         payments: Payments | None,
         capable: Callable[[str], bool],
         context_sent: dict[str, int] | None = None,
+        transfers: ContextTransfers | None = None,
     ) -> None:
         self.identity = identity
         self.request = request
+        self.transfers = transfers
         # member -> when our context went to it (shared by this peer's HE queries)
         self.context_sent = context_sent if context_sent is not None else {}
         self.blobs = blobs
@@ -300,7 +358,11 @@ class HEQuerySession:
         for peer in self.committee:
             recent = now_ms - self.context_sent.get(peer, -(10**15)) < self.config.resend_ms
             if not self.offers[peer].has_context and not recent:
-                effects.append(HESendChunks(peer, self.chunks))  # sealed as they leave
+                # sealed as they leave; windowed when the peer's transfers are tracked
+                if self.transfers is not None:
+                    effects.append(self.transfers.start(peer))
+                else:
+                    effects.append(HESendChunks(peer, self.chunks))
                 self.context_sent[peer] = now_ms
                 self.context_bytes_sent += sum(len(c.payload) for c in self.chunks)
             accept = HEAccept(
@@ -337,6 +399,13 @@ class HEQuerySession:
 
     def _route(self, now_ms: int) -> list[Effect]:
         if len(self.ready) < self.threshold:
+            # Members still waiting for our public context: say so, it is the usual
+            # cause on a slow network (the transfer goes on and later queries succeed).
+            active = set(self.transfers.active) if self.transfers is not None else set()
+            stalled = [m for m in self.committee if m in active and m not in self.ready]
+            if stalled:
+                reason = f"key_exchange_incomplete_{len(stalled)}_of_{len(self.committee)}"
+                return self._fail(reason, now_ms)
             return self._fail(f"too_few_answers_{len(self.ready)}_of_{self.threshold}", now_ms)
         order = aggregation_order(self.query_id, self.committee)
         self.live = tuple(m for m in order if m in self.ready)
@@ -547,6 +616,8 @@ class HEResponder(MemberSide):
         card = self.card
         if not card.he:
             return "he_unsupported"
+        if self.config.rules is not None and request.rule not in self.config.rules:
+            return "rule_unsupported"
         return self._serve_refusal(
             request,
             now_ms,
@@ -576,7 +647,7 @@ class HEResponder(MemberSide):
             eth_address="" if self.payments is None else self.payments.eth_address,
             has_context=self.has_context(sender, request.context_digest),
         )
-        # Without the context the accept comes after ~53 MB of chunks: wait until the deadline.
+        # Without the context the accept comes after ~12 MB of chunks: wait until the deadline.
         ttl = 10_000 if offer.has_context else request.deadline_ms - now_ms
         expiry = min(request.deadline_ms, now_ms + ttl)
         return [self._send(sender, offer, now_ms), SetTimer(self.expire_timer(key), expiry)]
@@ -612,14 +683,15 @@ class HEResponder(MemberSide):
         if chunk.index in parts:
             return []
         parts[chunk.index] = chunk.payload
+        ack = self._send(sender, HEContextAck(digest=chunk.digest, index=chunk.index), now_ms)
         if len(parts) < total:
-            return []
+            return [ack]
         del self._chunks[ckey]
         data = b"".join(parts[i] for i in range(chunk.total))
         if hashlib.sha256(data).hexdigest() != chunk.digest:
             raise UnexpectedMessage("reassembled context does not match its digest")
         self.loading.add(ckey)
-        return [HELoadContext(sender, chunk.digest, data)]
+        return [ack, HELoadContext(sender, chunk.digest, data)]
 
     def on_context_loaded(self, querier: str, digest: str, ok: bool, now_ms: int) -> list[Effect]:
         ckey = (querier, digest)
@@ -708,7 +780,8 @@ class HEResponder(MemberSide):
         assert accept is not None
         session.state = HRState.EVALUATING
         std = member_noise_std(accept.noise_sigma, accept.threshold) if accept.noise_sigma else 0.0
-        return [HEEvaluate(key[0], key[1], accept.context_digest, accept.blobs, std)]
+        rule = session.request.rule
+        return [HEEvaluate(key[0], key[1], accept.context_digest, accept.blobs, std, rule)]
 
     def on_evaluated(
         self, key: SessionKey, blobs: tuple[bytes, ...] | None, now_ms: int
@@ -885,6 +958,7 @@ class HEPeer:
         self._chunks: tuple[HEContextChunk, ...] = ()
         self._digest = ""
         self._context_sent: dict[str, int] = {}
+        self.transfers = ContextTransfers()
 
     def set_context(self, data: bytes) -> str:
         """The public context this peer's HE queries use (chunked once); its digest."""
@@ -904,6 +978,7 @@ class HEPeer:
             )
             self._digest = digest
             self._context_sent.clear()
+            self.transfers.reset(self._chunks)
         return digest
 
     def submit(
@@ -931,9 +1006,14 @@ class HEPeer:
             payments=self.payments,
             capable=self.capable,
             context_sent=self._context_sent,
+            transfers=self.transfers,
         )
         self.queries[request.query_id] = session
         return session
+
+    def on_context_ack(self, sender: str, ack: HEContextAck) -> list[Effect]:
+        """A member took a chunk of our context: send it the next ones of its window."""
+        return self.transfers.on_ack(sender, ack)
 
     def query(self, query_id: bytes) -> HEQuerySession:
         session = self.queries.get(query_id)

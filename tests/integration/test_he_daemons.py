@@ -6,8 +6,11 @@ partition). Peer 0 asks with its input encrypted under its own CKKS key; the
 two others evaluate on the ciphertext and sum among themselves; peer 0
 decrypts the aggregate only. The answer must be the label of the plaintext sum
 of the two members' HE models (the CKKS error is ~1e-4, far below the margins).
-The first query carries the key exchange (~53 MB of public context to each
-member); the second reuses the members' cached contexts.
+The first query carries the key exchange (~12 MB of public context to each
+member); the second reuses the members' cached contexts. Both ask for the
+``support`` rule without DP (exact check); a third uses the default rule of
+the mode, the kernel evidence, under the config's DP (epsilon 2): members with
+finite budgets answer it, each adding its noise share inside the ciphertext.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fi_peer.he_runtime import HE_RULE, he_model_path, load_he_model
+from fi_peer.he_runtime import HE_RULE, he_model_path, kernel_model_path, load_he_model
 from fi_peer.models.aggregation import decide
 from fi_peer.models.he_models import ensure_he_models
 from tests.integration.conftest import ALPHA, EPOCHS
@@ -49,7 +52,7 @@ def test_input_private_query_answered_by_libp2p_daemons(
         path = tmp_path / "x.json"
         path.write_text(json.dumps(x.tolist()))
         by_id = {p.peer_id: i for i, p in enumerate(net.peers)}
-        for _ in range(2):
+        for rule in (HE_RULE, HE_RULE, None):
             done = subprocess.run(
                 [
                     sys.executable,
@@ -58,6 +61,7 @@ def test_input_private_query_answered_by_libp2p_daemons(
                     "query",
                     str(path),
                     "--input-private",
+                    *(["--rule", rule] if rule else []),
                     "--k",
                     str(PEERS - 1),
                     "--timeout",
@@ -77,6 +81,10 @@ def test_input_private_query_answered_by_libp2p_daemons(
             assert result["ok"], result
             members = [by_id[p] for p in result["contributors"]]
             assert sorted(members) == [1, 2]
+            if rule is None:  # kernel evidence under DP: noisy, only well-formed
+                assert kernel_model_path(owner_models[1]).is_file()
+                assert 0 <= result["label"] < 10
+                continue
             total = sum(
                 load_he_model(he_model_path(owner_models[i])).forward(x[None, :])[0]
                 for i in members

@@ -6,6 +6,7 @@ from typing import Any
 
 from fi_peer.protocol.he_messages import (
     HEAccept,
+    HEContextAck,
     HEContextChunk,
     HEMessage,
     HEOffer,
@@ -58,6 +59,7 @@ def he_samples(now_ms: int) -> list[HEMessage]:
             has_context=False,
         ),
         HEContextChunk(digest=DIGEST, index=1, total=3, payload=b"p" * 100),
+        HEContextAck(digest=DIGEST, index=1),
         HEAccept(
             query_id=b"q" * 16,
             members=(A, B),
@@ -104,7 +106,8 @@ def he_biggest() -> list[HEMessage]:
             eth_address=eth,
             has_context=True,
         ),
-        HEContextChunk(digest="f" * 64, index=255, total=256, payload=b"\xff" * (448 * 1024)),
+        HEContextChunk(digest="f" * 64, index=71, total=72, payload=b"\xff" * (448 * 1024)),
+        HEContextAck(digest="f" * 64, index=71),
         HEAccept(
             query_id=b"\xff" * 16,
             members=peers,

@@ -9,6 +9,7 @@ count-weighted ``support`` outputs.
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import numpy as np
 import pytest
@@ -88,10 +89,31 @@ def test_member_never_holds_a_secret_key(
             ts.ckks_vector_from(member_ctx._ctx, blob).decrypt()
 
 
+def _wrap(tenseal_context: bytes, galois: bytes = b"") -> bytes:
+    """A TenSEAL context in fi-peer's public-context container (he.load_public_context)."""
+    return b"FIHE\x01" + struct.pack(">I", len(tenseal_context)) + tenseal_context + galois
+
+
 def test_context_with_secret_key_is_rejected(secret: he.SecretContext) -> None:
     leaked = secret._ctx.serialize(save_secret_key=True, save_galois_keys=False)
     with pytest.raises(MalformedMessage, match="secret key"):
-        he.load_public_context(leaked)
+        he.load_public_context(_wrap(leaked))
+
+
+def test_public_context_carries_only_the_needed_galois_keys(secret: he.SecretContext) -> None:
+    full = secret.public_bytes()
+    bare = secret.public_bytes(galois_keys=False)
+    assert full.startswith(bare) and full is secret.public_bytes()  # stable digest
+    # Nine seeded keys (~1.05 MB each) instead of TenSEAL's ~24 unseeded (53 MB in all).
+    assert 8e6 < len(full) - len(bare) < 11e6 and len(full) < 13e6
+    with pytest.raises(MalformedMessage, match="Galois keys lack"):
+        keygen = sealapi.KeyGenerator(
+            secret._ctx.data.seal_context(), secret._ctx.data.secret_key()
+        )
+        partial = keygen.create_galois_keys([pow(3, 1, 2 * he.POLY_MODULUS_DEGREE)])
+        he.load_public_context(bare + he._seal_save(partial), require_galois=True)
+    with pytest.raises(MalformedMessage):
+        he.load_public_context(bare + b"\x00" * 1000)  # garbage keys: an error, not a crash
 
 
 def test_context_with_other_parameters_is_rejected() -> None:
@@ -100,7 +122,7 @@ def test_context_with_other_parameters_is_rejected() -> None:
     )
     ctx.global_scale = 2**20
     with pytest.raises(MalformedMessage, match="N=4096"):
-        he.load_public_context(ctx.serialize(save_galois_keys=False))
+        he.load_public_context(_wrap(ctx.serialize(save_galois_keys=False)))
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage" * 10, b"\x0a\xff\xff\xff\xff\x0f"])
@@ -188,10 +210,15 @@ def test_single_layout_equals_plaintext_and_every_slot_is_noised(
     answer = he.decrypt_outputs(secret, noisy)[0]
     assert np.abs(answer - model.forward(x)[0]).max() > 0.5  # noise is there
     # The curious querier reads all 4096 slots: each holds a copy of the *noisy*
-    # answer; no slot holds the noiseless one.
+    # answer (period = the padded width); no slot holds the noiseless one, and the
+    # padding slots hold noise, not the evaluation error of exact zeros.
     slots = _raw_slots(secret, noisy.blobs[0], tensor=False)
-    expected = answer[np.arange(slots.size) % 10]
-    np.testing.assert_allclose(slots, expected, atol=TOL)
+    width = he.single_layout_width(model)
+    assert width == 32
+    copies = slots.reshape(-1, width)
+    np.testing.assert_allclose(copies[:, :10], np.tile(answer, (copies.shape[0], 1)), atol=TOL)
+    np.testing.assert_allclose(copies, np.tile(copies[0], (copies.shape[0], 1)), atol=TOL)
+    assert np.abs(copies[0, 10:]).min() > 1e-2
 
 
 @pytest.mark.slow
@@ -330,3 +357,24 @@ def test_input_width_limit_and_mismatch(
     small = he.encrypt_inputs(secret, np.zeros((1, 40)))
     with pytest.raises(ModelError, match="width"):
         he.evaluate(member_ctx, model, small)
+
+
+def test_zero_and_tiny_weights_are_skipped_not_transparent(
+    secret: he.SecretContext, member_ctx: he.PublicContext
+) -> None:
+    """A support model of a member that never saw a class has zero columns; products
+    by plaintexts that encode to zero would be "transparent" ciphertexts (SEAL error)."""
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(size=(8, 4)) * 0.3
+    w1[:, 1] = 0.0  # a dead hidden unit
+    w2 = rng.normal(size=(4, 3))
+    w2[:, 0] = 0.0
+    w2[:, 2] = 1e-14
+    model = he.build_he_model(
+        [he.LinearLayer(w1, np.zeros(4)), "square", he.LinearLayer(w2, np.zeros(3))]
+    )
+    x = rng.uniform(0, 1, (1, 8))
+    for layout in (he.Layout.SINGLE, he.Layout.BATCHED):
+        query = he.encrypt_inputs(secret, x, layout=layout)
+        out = he.decrypt_outputs(secret, he.evaluate(member_ctx, model, query))
+        np.testing.assert_allclose(out, model.forward(x), atol=TOL)
