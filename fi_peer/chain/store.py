@@ -141,15 +141,26 @@ class ReceiptStore(SqliteStore):
                 (state.value, *self._scope, query_id, checksum(member)),
             )
 
-    def receipts(self, *, state: ReceiptState | None = None) -> list[StoredReceipt]:
+    def receipts(
+        self, *, state: ReceiptState | None = None, deadline_before: int | None = None
+    ) -> list[StoredReceipt]:
+        """``deadline_before``: only receipts of queries whose deadline is earlier
+        (filtered in SQL: a member polls this every claim round, and decoding every
+        pending receipt each time cost a busy member ~40 % of its event loop)."""
         sql = (
-            "SELECT query_id, member, amount_wei, signature, state FROM chain_receipts"
+            "SELECT query_id, member, amount_wei, signature, state FROM chain_receipts r"
             " WHERE chain_id = ? AND escrow = ?"
         )
         params: tuple[object, ...] = self._scope
         if state is not None:
             sql += " AND state = ?"
             params = (*params, state.value)
+        if deadline_before is not None:
+            sql += (
+                " AND EXISTS (SELECT 1 FROM chain_terms t WHERE t.chain_id = r.chain_id"
+                " AND t.escrow = r.escrow AND t.query_id = r.query_id AND t.deadline < ?)"
+            )
+            params = (*params, deadline_before)
         out: list[StoredReceipt] = []
         for query_id, member, amount, signature, st in self._db.execute(
             sql + " ORDER BY rowid", params
@@ -172,5 +183,4 @@ class ReceiptStore(SqliteStore):
         """Pending receipts whose query's settlement deadline has passed: by then
         the querier settled (the claim then pays a share left out, or reverts
         ``AlreadyPaid``: mark it PAID) or it did not (the claim pays it)."""
-        pending = self.receipts(state=ReceiptState.PENDING)
-        return [r for r in pending if r.terms.deadline < chain_time]
+        return self.receipts(state=ReceiptState.PENDING, deadline_before=chain_time)

@@ -1,25 +1,33 @@
-"""Load: paid queries from 3 queriers against 8 ``fi-peer run`` daemons over
-libp2p with anvil, through the code of ``benchmarks/load.py`` (which runs the
-full 1,000 and writes benchmarks/results/load.json).
+"""Load: 1,000 paid queries from 3 queriers against 8 ``fi-peer run`` daemons
+over libp2p with anvil, through the code of ``benchmarks/load.py`` (issue 10,
+part 4; the benchmark writes benchmarks/results/load.json from the same run).
 
 Asserts the benchmark's invariants (``benchmarks.load.violations`` is empty)
 and, explicitly, the figures behind them: every query answered or failed with
-a reason, every escrowed query settled with what its querier reported,
-balances conserved to the wei, every member's withdrawals equal to its
-credits, and no daemon's RSS or open file descriptors growing past the
-tolerance between the sample after warm-up and the one after settlement.
+a reason, at least :data:`MIN_ANSWERED` of them answered, every escrowed query
+settled with what its querier reported, balances conserved to the wei, every
+member's withdrawals equal to its credits (and to its own metric), and no
+daemon's RSS or open file descriptors growing past the tolerance between the
+sample after the warm-up and the one after settlement.
 
-``FI_LOAD_QUERIES`` sets the number of queries. The default is 120: 200 took
-3 min 14 s on the 2-core development machine, too much of the suite's 15
-minutes next to the fault tests; the full 1,000
-(``FI_LOAD_QUERIES=1000``, what ``python -m benchmarks.load`` runs) took 7 to
-12 minutes there (5 to 8 min of queries at 2.1 to 3.4 queries/s, with load
-averages of 10 to 35 from other jobs, plus 0.5 to 1 min to start 8 daemons):
-too long for the suite's budget.
+Cost: one network for the module (8 daemons + anvil, ~30 s to start), the
+queries at 4-6 per second on 2 cores (3 queriers, each with 4 queries in
+flight: one control-API request of 4 inputs, run concurrently by the
+daemon), ~5 s to settle. Measured on the 2-core development machine: 197 s
+for the module with load averages of 7-15 (the 120-query version it replaces:
+59 s), 270 s at 13-15. The per-transaction gas readout of the benchmark
+(10-30 s) is skipped here. ``FI_LOAD_QUERIES`` sets another count (e.g. 100
+for a quick local run).
+
+Before the 1,000 fitted here (2026-11): a fixed 1 s key-share window failed
+~40 % of the queries under load (``too_few_key_shares``), and every member
+re-read and re-decoded all its pending receipts each claim round on its event
+loop (O(receipts) per second), so the run slowed as it went (7-12 min).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from pathlib import Path
 from typing import Any
@@ -32,19 +40,26 @@ from tests.chain.conftest import require_anvil
 # the module's one network serves every test: the first one to run pays for it
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-QUERIES = int(os.environ.get("FI_LOAD_QUERIES", "120"))
+QUERIES = int(os.environ.get("FI_LOAD_QUERIES", "1000"))
+# Answered share floor. Measured: 1000/1000 with a load average of ~17 from other
+# jobs; a failure must still be a counted reason (asserted below), never a hang.
+MIN_ANSWERED = 0.95
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require_anvil()
+    # minutes are expected here: no all-threads dump at the suite's 120 s mark
+    # (pytest-timeout's 1500 s still ends, and dumps, a run that hangs)
+    faulthandler.cancel_dump_traceback_later()
     folder = tmp_path_factory.mktemp("load")
-    settings = LoadSettings(queries=QUERIES, folder=folder / "net")
+    settings = LoadSettings(queries=QUERIES, folder=folder / "net", gas=False)
     return run_load(settings)
 
 
 def test_load_invariants_hold(report: dict[str, Any]) -> None:
     assert report["violations"] == [], report["violations"]
+    assert report["readout_errors"] == {}
 
 
 def test_every_query_answered_or_failed_with_a_reason(report: dict[str, Any]) -> None:
@@ -54,10 +69,9 @@ def test_every_query_answered_or_failed_with_a_reason(report: dict[str, Any]) ->
     assert sum(q["failures_by_reason"].values()) == q["failed"]
     assert all(reason and reason != "None" for reason in q["failures_by_reason"])
     assert set(q["by_querier"]) == {"peer-0", "peer-1", "peer-2"}
-    # the network answers under load, not only fails cleanly (how many depends on
-    # the machine: on a 2-core box shared with other work, most time out)
-    assert q["answered"] >= 1, q
-    assert report["throughput"]["queries_per_s"] > 0
+    assert min(q["by_querier"].values()) >= QUERIES // 3 - 4  # the queriers load evenly
+    assert q["answered"] >= MIN_ANSWERED * QUERIES, q
+    assert report["throughput"]["answered_per_s"] > 0
 
 
 def test_every_escrowed_query_is_settled_and_the_wei_add_up(report: dict[str, Any]) -> None:
@@ -69,11 +83,18 @@ def test_every_escrowed_query_is_settled_and_the_wei_add_up(report: dict[str, An
     for row in rows:
         shares, paid = report["chain_settled"][row["query_id"]]
         assert (shares, paid) == (row["delivered"], row["delivered"] * row["price_wei"]), row
-    assert all(r["escrow_wei"] is not None for r in report["query_rows"] if r["ok"])
+    # every answered query was escrowed, and settled paying at least t of its committee
+    answered = [r for r in report["query_rows"] if r["ok"]]
+    assert len(answered) == report["queries"]["answered"] + report["queries"]["warmup_answered"]
+    for row in answered:
+        assert row["escrow_wei"] is not None and row["price_wei"], row
+        committee = row["escrow_wei"] // row["price_wei"]
+        assert row["delivered"] >= committee // 2 + 1, row
     assert wei["escrowed"] == wei["escrowed_reported_by_queriers"] > 0
     assert wei["escrowed"] == wei["paid"] + wei["refunded"] + wei["held"]
     assert wei["paid"] == wei["paid_by_settlements"]  # no claims: all settled in time
     assert wei["escrow_balance"] == wei["escrowed"] - wei["withdrawn"]
+    assert wei["withdrawn"] == wei["paid"] + wei["refunded"]  # the members took it all
     for name, member in wei["by_member"].items():
         assert member["withdrawn"] == member["credited"] + member["refunded"], name
         assert member["withdrawn_metric"] == member["withdrawn"], name
@@ -82,10 +103,16 @@ def test_every_escrowed_query_is_settled_and_the_wei_add_up(report: dict[str, An
 
 def test_no_daemon_grows_memory_or_file_descriptors(report: dict[str, Any]) -> None:
     tolerance = report["tolerance"]
+    samples = report["samples"]
+    assert samples[0]["at"] == "after warm-up" and samples[-1]["at"].startswith("end")
+    assert len(samples) >= 5  # the trend in between is in the report
     assert len(report["daemons"]) == 8
     for name, d in report["daemons"].items():
+        assert d["rss_mib_start"] > 0 and d["fds_start"] > 0
         assert d["rss_mib_end"] - d["rss_mib_start"] <= tolerance["rss_mib"], (name, d)
         assert d["fds_end"] - d["fds_start"] <= tolerance["fds"], (name, d)
+        # no fd leak hides in the middle of the run either
+        assert max(s["fds"][name] for s in samples) <= d["fds_start"] + 2 * tolerance["fds"]
 
 
 def test_no_daemon_logged_a_traceback(report: dict[str, Any]) -> None:
