@@ -6,6 +6,8 @@ scenario opens queries with random committees (seeded) drawn from the pool,
 and settles them with every member delivered:
 
 - ``unbatched``: one ``settle`` transaction per query;
+- ``weighted``: one ``settleWeighted`` per query (a reward rule; unequal amounts),
+  with its ratio to ``unbatched`` measured in the same run;
 - ``batched_10`` / ``batched_100``: one ``settleBatch`` per 10 / 100 queries.
 
 The figure is the transaction's ``gasUsed`` divided by its number of queries,
@@ -45,7 +47,8 @@ from fi_peer.chain.artifacts import load_artifact
 from fi_peer.chain.client import ChainClient, Deployment, deploy_artifact
 from fi_peer.chain.devchain import DevChain, eth_tester_chain
 from fi_peer.chain.receipts import PaymentReceipt
-from fi_peer.chain.terms import QueryTerms, Settlement
+from fi_peer.chain.terms import QueryTerms, Settlement, WeightedSettlement
+from fi_peer.incentives.rewards import settlement_amounts
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "gas.json"
 KS = (3, 8, 16, 32)
@@ -79,6 +82,17 @@ class Bench:
             await q.open_query(terms)
             out.append(terms)
         return out
+
+
+def _weighted(terms: QueryTerms) -> WeightedSettlement:
+    """All delivered, paid by weights 1, 2, ..., k above the floor (every amount differs)."""
+    amounts = settlement_amounts(
+        terms.price_wei,
+        [True] * terms.size,
+        list(range(1, terms.size + 1)),
+        min_share_wei=terms.min_share_wei,
+    )
+    return WeightedSettlement(terms, terms.full_mask, tuple(amounts))
 
 
 async def run_chain(devchain: DevChain, name: str, queries: dict[str, int]) -> dict[str, Any]:
@@ -143,6 +157,13 @@ async def _run_chain(
             )
             gas = [(await q.settle(t, t.committee)).gas_used for t in opened]
             row["unbatched"] = round(statistics.mean(gas))
+            # weighted (a reward rule: settleWeighted, one query per transaction)
+            opened = await bench.open_many(
+                q, [committee() for _ in range(queries["unbatched"])], deadline
+            )
+            gas = [(await q.settle_weighted(_weighted(t))).gas_used for t in opened]
+            row["weighted"] = round(statistics.mean(gas))
+            row["weighted_over_unbatched"] = round(row["weighted"] / row["unbatched"], 3)
             # batched
             for size in (10, 100):
                 per_query: list[float] = []
@@ -157,6 +178,7 @@ async def _run_chain(
             settlement[scenario][str(k)] = row
             print(
                 f"  {name:10s} {scenario:15s} k={k:2d}  unbatched {row['unbatched']:7,d}"
+                f"  weighted {row['weighted']:7,d}"
                 f"  batched 10 {row['batched_10']:7,d}  batched 100 {row['batched_100']:7,d}",
                 file=sys.stderr,
             )

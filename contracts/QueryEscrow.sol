@@ -20,7 +20,8 @@ import {Signatures} from "./Signatures.sol";
 ///                  └──(deadline passes: claims allowed)────────────────────refund──► Closed
 ///
 /// - settle / settleBatch (querier, until the deadline): credits the members who
-///   delivered. If all delivered the query is closed. Otherwise the undelivered
+///   delivered the price each; settleWeighted splits the same money among them
+///   by the querier's reward rule, each at least MIN_SHARE_BPS of the price. If all delivered the query is closed. Otherwise the undelivered
 ///   shares stay *held* until deadline + claimGrace, so that a member the querier
 ///   left out, but who holds the querier's EIP-712 receipt for its share, can
 ///   still claim it. (Refunding them at once would let a querier take a share,
@@ -47,6 +48,9 @@ contract QueryEscrow {
     uint256 public constant MAX_COMMITTEE = 32;
     /// @notice Most distinct members in one settleBatch (one-byte indexes).
     uint256 public constant MAX_BATCH_MEMBERS = 256;
+    /// @notice settleWeighted: the least a delivered member is paid, in basis points
+    /// of the price (10 %). Fixed in the code, so a member knows it before answering.
+    uint256 public constant MIN_SHARE_BPS = 1_000;
 
     bytes32 private constant CLOSED = bytes32(uint256(1));
     uint256 private constant TAG_OPEN = 1 << 254;
@@ -112,8 +116,12 @@ contract QueryEscrow {
     /// @notice `paid` = popcount(delivered) * price; the rest of the escrow is held.
     /// The querier is the transaction's sender (settle and settleBatch require it).
     event QuerySettled(bytes16 indexed queryId, uint256 delivered, uint256 paid);
-    /// @notice A member's pay from one settle / settleBatch transaction (all its queries in it).
+    /// @notice A member's pay from one settle / settleBatch / settleWeighted transaction
+    /// (all its queries in it).
     event Credited(address indexed member, uint256 amount);
+    /// @notice After QuerySettled, for a settleWeighted: the pay of each committee seat
+    /// (0 for a seat that did not deliver); they sum to QuerySettled.paid.
+    event WeightedSettled(bytes16 indexed queryId, uint256[] amounts);
     event Claimed(
         bytes16 indexed queryId, address indexed member, address indexed querier, uint256 amount
     );
@@ -136,6 +144,9 @@ contract QueryEscrow {
     error BadDelivered(bytes16 queryId);
     error BadBatch();
     error BadMemberIndex(bytes16 queryId);
+    error BadAmounts(bytes16 queryId);
+    error BadWeight(bytes16 queryId, uint256 seat, uint256 amount);
+    error NotConserved(bytes16 queryId, uint256 paid, uint256 total);
     error ClaimTooEarly(bytes16 queryId);
     error NotCommitteeMember(bytes16 queryId, address member);
     error AlreadyPaid(bytes16 queryId, address member);
@@ -206,6 +217,50 @@ contract QueryEscrow {
                 emit Credited(member, price);
             }
         }
+    }
+
+    /// @notice Settle one query with the querier's reward rule (e.g. merit): the
+    /// delivered shares' money, popcount(delivered) * price, is split among the
+    /// members who delivered as `amounts` says (one per committee seat). Bounds:
+    /// a delivered seat gets at least MIN_SHARE_BPS of the price, a seat that did
+    /// not deliver gets 0, and the amounts sum to exactly popcount(delivered) *
+    /// price, so the querier keeps nothing of what was delivered (its weights cost
+    /// it nothing, so it has no reason to understate anyone) and a delivered
+    /// member is never paid less than the floor. Undelivered shares are held for
+    /// receipt claims exactly as in `settle`.
+    function settleWeighted(
+        bytes16 queryId,
+        Terms calldata terms,
+        uint256 delivered,
+        uint256[] calldata amounts
+    ) external nonReentrant {
+        if (msg.sender != terms.querier) revert NotQuerier(queryId);
+        uint256 k = terms.committee.length;
+        _checkSettlement(queryId, k, terms.deadline, delivered);
+        if (amounts.length != k) revert BadAmounts(queryId);
+        bytes32 c = _commitment(terms.querier, terms.price, terms.deadline, terms.committee);
+        uint256 price = terms.price;
+        uint256 paid = _popcount(delivered) * price;
+        _closeOrHold(queryId, c, k, delivered, paid);
+        uint256 floor = (price * MIN_SHARE_BPS) / 10_000;
+        uint256 total = 0;
+        for (uint256 i = 0; i < k; ++i) {
+            uint256 amount = amounts[i];
+            if ((delivered >> i) & 1 == 1) {
+                // amount <= paid also keeps `total` far from overflow (k <= 32)
+                if (amount < floor || amount > paid) revert BadWeight(queryId, i, amount);
+                total += amount;
+                if (amount != 0) {
+                    address member = terms.committee[i];
+                    balanceOf[member] += amount;
+                    emit Credited(member, amount);
+                }
+            } else if (amount != 0) {
+                revert BadWeight(queryId, i, amount);
+            }
+        }
+        if (total != paid) revert NotConserved(queryId, paid, total);
+        emit WeightedSettled(queryId, amounts);
     }
 
     /// @notice Settle many queries of the caller at once; each member's balance is

@@ -67,7 +67,7 @@ from fi_peer.protocol.effects import (
     SetTimer,
     VerifyEscrow,
 )
-from fi_peer.protocol.envelope import Verifier
+from fi_peer.protocol.envelope import Verifier, seal
 from fi_peer.protocol.he_effects import (
     HECombine,
     HEDecrypt,
@@ -366,8 +366,13 @@ class Agent:
         delta: float = 1e-5,
         secagg: bool | None = None,
         input_private: bool = False,
+        audit_label: int | None = None,
     ) -> QueryOutcome:
         """Ask the network; returns how the query ended. Never hangs past the timeout.
+
+        ``audit_label``: the answer is known (an audit query, fi_peer.protocol.audit):
+        the core's AuditBook keeps the members' commitments, nothing on the wire
+        differs; :meth:`request_openings` asks for the openings after the answer.
 
         ``epsilon`` > 0: each member's answer is (epsilon, delta)-DP for its data
         (Gaussian noise on the sum, calibrated to ``rule``'s L2 sensitivity);
@@ -399,6 +404,13 @@ class Agent:
             query_id, effects = await self._submit_he(x, terms)
         else:
             query_id, effects = self.core.submit_query(x, secagg=secagg, **terms())
+        if audit_label is not None:
+            if self.core.audit_book is None:
+                raise LocalProtocolError("this peer keeps no audit book: it cannot audit")
+            try:
+                self.core.audit_book.mark(query_id, audit_label)
+            except ValueError as exc:
+                raise LocalProtocolError(f"audit label: {exc}") from exc
         future: asyncio.Future[QueryOutcome] = asyncio.get_running_loop().create_future()
         self._pending[query_id] = future
         self._apply(effects)
@@ -412,6 +424,23 @@ class Agent:
             return _failed(query_id, "driver_timeout")
         finally:
             self._pending.pop(query_id, None)
+
+    def request_openings(self, query_id: bytes, members: list[str] | None = None) -> int:
+        """After an audit query's answer: ask its members (``members``: only these,
+        e.g. after a ``not_over`` refusal) to open their commitments; how many asked."""
+        book = self.core.audit_book
+        if book is None:
+            return 0
+        now = self.now_ms()
+        if members is None:
+            effects = self.core.request_openings(query_id, now)
+        else:
+            effects = [
+                Send(member, seal(self.core.identity, request, now))
+                for member, request in book.retry(query_id, members)
+            ]
+        self._apply(effects)
+        return len(effects)
 
     @staticmethod
     async def noise_sigma(rule: str, epsilon: float, delta: float) -> float:
@@ -481,7 +510,8 @@ class Agent:
     ) -> tuple[bytes, list[Effect]]:
         if self.he is None or self.model is None:
             raise LocalProtocolError("this peer has no HE runtime: it cannot encrypt inputs")
-        blobs, context = await asyncio.to_thread(self.he.encrypt, x)
+        # the rule picks the encoding: x (network) or u(x) u(x)^T (kernel evidence)
+        blobs, context = await asyncio.to_thread(self.he.encrypt, x, terms()["rule"])
         return self.core.submit_he_query(blobs, context, **terms())
 
     async def _send_chunks(self, effect: HESendChunks) -> None:

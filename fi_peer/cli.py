@@ -991,9 +991,21 @@ def query(
         typer.Option(
             "--input-private",
             help="Encrypt the input under your own CKKS key: members compute on the "
-            "ciphertext, you decrypt only their sum (HE mode; support rule).",
+            "ciphertext, you decrypt only their sum (HE mode; rule evidence, the "
+            "polynomial-kernel evidence with DP as configured, or --rule support: no DP).",
         ),
     ] = False,
+    audit_label: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--audit-label",
+            min=0,
+            metavar="LABEL",
+            help="The label you know for the input (once per input row, in order): an "
+            "audit query. It looks like any other query on the wire; after the answer the "
+            "members open their commitments and your daemon scores them (fi-peer status).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Ask the network through your running daemon and print the collective answer.
@@ -1003,6 +1015,8 @@ def query(
     Example:  fi-peer query digit.npy --state-dir ./alice --k 4
 
     Example:  fi-peer query my-drawing.png --epsilon 1 --json
+
+    Example:  fi-peer query seven.npy --audit-label 7   (an audit query)
     """
     from fi_peer.control import ControlClient
 
@@ -1011,6 +1025,8 @@ def query(
     body: dict[str, object] = {"input": _load_input(input_file)}
     if input_private:
         body["input_private"] = True
+    if audit_label:
+        body["audit_labels"] = list(audit_label)
     for key, value in (
         ("rule", rule),
         ("k", k),
@@ -1048,6 +1064,16 @@ def _print_answer(answer: dict[str, object]) -> None:
                 f"{len(contributors)} of {r.get('committee_size')} committee members + this peer"
             )
             out.print(f"{prefix}contributors " + " ".join(c[:12] for c in contributors))
+            audit = r.get("audit")
+            if isinstance(audit, dict):
+                refused = ", ".join(
+                    f"{str(m)[:12]} ({why})" for m, why in dict(audit.get("refused", {})).items()
+                )
+                out.print(
+                    f"{prefix}audit    label {audit.get('label')}: {audit.get('opened')} of "
+                    f"{audit.get('committed')} members opened their commitments"
+                    + (f"; refused: {refused}" if refused else "")
+                )
         else:
             out.print(f"{prefix}[bold red]failed[/]: {r.get('reason')}")
         out.print(
@@ -1205,6 +1231,10 @@ def status_tables(doc: dict[str, Any]) -> list[Table]:
         )
     tables.append(privacy)
 
+    audits = _audits_table(doc.get("audits", {}))
+    if audits is not None:
+        tables.append(audits)
+
     c = doc.get("chain", {})
     money = Table(title="earnings and settlements", title_justify="left", show_header=False)
     money.add_column("what", style="bold")
@@ -1237,6 +1267,38 @@ def status_tables(doc: dict[str, Any]) -> list[Table]:
     )
     tables.append(money)
     return tables
+
+
+def _score(value: object) -> str:
+    return f"{value:+.3f}" if isinstance(value, int | float) else "-"
+
+
+def _audits_table(a: dict[str, Any]) -> Table | None:
+    """Per-member contribution scores from this querier's audit queries."""
+    rows = a.get("members") or []
+    if not rows:
+        return None
+    table = Table(
+        title=f"contribution scores from audit queries (reward rule: {a.get('reward_rule')})",
+        caption="merit: accuracy on opened audits (what the merit rule pays by); loo, "
+        "shapley: mean contribution to the committee's answer per audit",
+        title_justify="left",
+        caption_justify="left",
+    )
+    for column in ("member", "audits", "hits", "refused", "bad", "merit", "loo", "shapley"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for row in rows:
+        table.add_row(
+            str(row.get("peer_id", ""))[:12],
+            str(row.get("audits", 0)),
+            str(row.get("hits", 0)),
+            str(row.get("refused", 0)),
+            str(row.get("bad", 0)),
+            _score(row.get("merit")),
+            _score(row.get("loo")),
+            _score(row.get("shapley")),
+        )
+    return table
 
 
 @app.command(

@@ -46,6 +46,10 @@ them. Example::
     k = 4
     timeout_s = 10.0
     offer_window_ms = 1000
+    keys_window_ms = 4000      # secure aggregation: longest wait for every member's key
+                               # shares (at most half of the time budget left)
+    keys_grace_ms = 200        # ... once a threshold of them are in, the most waited for
+                               # the rest (or half the time those took, if longer)
     min_committee = 2
     max_concurrent = 16
     max_price_wei = 0          # the most this peer pays one member per query
@@ -76,6 +80,12 @@ them. Example::
     settle_window_s = 60       # on-chain deadline = answer deadline + this
     auto_withdraw = false      # members withdraw their credit after each claim round
     receipts = "receipts.sqlite"  # kept receipts (relative to state_dir)
+    reward_rule = "equal"      # how this querier pays its committee at settlement:
+                               # "equal" (price per delivered share), "merit" (by
+                               # accuracy on its audit queries), "agreement" / "entropy"
+                               # (the FI paper's label-free rules, for comparison);
+                               # every delivered member gets at least 10 % of the price
+    publish_scores = false     # publish the audit scores on chain (PeerRegistry)
 """
 
 from __future__ import annotations
@@ -99,6 +109,8 @@ TRANSPORTS = ("libp2p", "mqtt")
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 MAX_K = 64
+# Reward rules a querier may pay by (fi_peer.incentives.rewards.REWARD_RULES).
+REWARD_RULES = ("equal", "merit", "agreement", "entropy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +130,8 @@ class ChainConfig:
     settle_window_s: int = 60
     auto_withdraw: bool = False
     receipts: Path = Path("receipts.sqlite")
+    reward_rule: str = "equal"
+    publish_scores: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -151,6 +165,12 @@ class ChainConfig:
         _in_range("chain.settle_every_s", self.settle_every_s, 0.1, 86_400)
         _in_range("chain.claim_every_s", self.claim_every_s, 0.1, 86_400)
         _in_range("chain.settle_window_s", self.settle_window_s, 1, 30 * 86_400)
+        _require(
+            self.reward_rule in REWARD_RULES,
+            f"chain.reward_rule must be one of {', '.join(REWARD_RULES)}, "
+            f"got {self.reward_rule!r}",
+            'reward_rule = "equal" in [chain] (or "merit" to pay by audit accuracy)',
+        )
 
     def to_toml(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"rpc_url": self.rpc_url}
@@ -168,6 +188,8 @@ class ChainConfig:
             "settle_window_s": self.settle_window_s,
             "auto_withdraw": self.auto_withdraw,
             "receipts": str(self.receipts),
+            "reward_rule": self.reward_rule,
+            "publish_scores": self.publish_scores,
         }
 
 
@@ -222,6 +244,8 @@ class PeerConfig:
     k: int = 4
     query_timeout_s: float = 10.0
     offer_window_ms: int = 1000
+    keys_window_ms: int = 4000
+    keys_grace_ms: int = 200
     min_committee: int = 2
     max_concurrent: int = 16
     max_price_wei: int = 0
@@ -295,6 +319,14 @@ class PeerConfig:
         _in_range("query.min_committee", self.min_committee, 1, MAX_K)
         _in_range("query.timeout_s", self.query_timeout_s, 0.1, 110)
         _in_range("query.offer_window_ms", self.offer_window_ms, 10, 60_000)
+        _in_range("query.keys_window_ms", self.keys_window_ms, 10, 60_000)
+        _in_range("query.keys_grace_ms", self.keys_grace_ms, 0, 60_000)
+        _require(
+            self.keys_grace_ms <= self.keys_window_ms,
+            f"query.keys_grace_ms ({self.keys_grace_ms}) must not exceed query.keys_window_ms "
+            f"({self.keys_window_ms})",
+            "keys_grace_ms = 200 and keys_window_ms = 4000 in [query]",
+        )
         _require(
             self.max_price_wei >= 0,
             f"query.max_price_wei must be >= 0, got {self.max_price_wei}",
@@ -329,6 +361,11 @@ class PeerConfig:
     def receipts_file(self) -> Path | None:
         """The chain ReceiptStore's sqlite file (None without a chain)."""
         return None if self.chain is None else self.state_dir / self.chain.receipts
+
+    @property
+    def scores_file(self) -> Path:
+        """The querier's per-member audit scores (fi_peer.settlement.RewardPolicy)."""
+        return self.state_dir / "scores.json"
 
     @property
     def control_file(self) -> Path:
@@ -366,6 +403,8 @@ class PeerConfig:
             "k": self.k,
             "timeout_s": self.query_timeout_s,
             "offer_window_ms": self.offer_window_ms,
+            "keys_window_ms": self.keys_window_ms,
+            "keys_grace_ms": self.keys_grace_ms,
             "min_committee": self.min_committee,
             "max_concurrent": self.max_concurrent,
             "max_price_wei": self.max_price_wei,
@@ -420,6 +459,8 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "k",
             "timeout_s",
             "offer_window_ms",
+            "keys_window_ms",
+            "keys_grace_ms",
             "min_committee",
             "max_concurrent",
             "max_price_wei",
@@ -453,6 +494,8 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "settle_window_s",
             "auto_withdraw",
             "receipts",
+            "reward_rule",
+            "publish_scores",
         }
     ),
 }
@@ -483,6 +526,8 @@ def _chain(table: dict[str, Any], base: Path) -> ChainConfig | None:
         settle_window_s=_get(table, "settle_window_s", int, 60, "chain"),
         auto_withdraw=_get(table, "auto_withdraw", bool, False, "chain"),
         receipts=Path(_get(table, "receipts", str, "receipts.sqlite", "chain")),
+        reward_rule=_get(table, "reward_rule", str, "equal", "chain"),
+        publish_scores=_get(table, "publish_scores", bool, False, "chain"),
     )
 
 
@@ -584,6 +629,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
         k=_get(query, "k", int, 4, "query"),
         query_timeout_s=_get(query, "timeout_s", float, 10.0, "query"),
         offer_window_ms=_get(query, "offer_window_ms", int, 1000, "query"),
+        keys_window_ms=_get(query, "keys_window_ms", int, 4000, "query"),
+        keys_grace_ms=_get(query, "keys_grace_ms", int, 200, "query"),
         min_committee=_get(query, "min_committee", int, 2, "query"),
         max_concurrent=_get(query, "max_concurrent", int, 16, "query"),
         max_price_wei=_get(query, "max_price_wei", int, 0, "query"),

@@ -12,8 +12,11 @@ Endpoints (all JSON):
                      left (global and per querier), earnings and pending settlements
 ``GET /v1/peers``    the membership table (peers heard from, not yet expired)
 ``POST /v1/query``   ``{"input": [...] | [[...], ...], "rule"?, "k"?, "timeout_s"?,
-                     "max_price_wei"?, "input_private"?}`` -> the collective answer(s)
-                     (``input_private``: the HE mode, fi_peer.he_runtime)
+                     "max_price_wei"?, "input_private"?, "audit_label"? |
+                     "audit_labels"?}`` -> the collective answer(s)
+                     (``input_private``: the HE mode, fi_peer.he_runtime;
+                     ``audit_label(s)``: labels the querier knows, one per row or
+                     null: audit queries, opened and scored after the answer)
 ``GET /metrics``     Prometheus text format (``fi_peer.metrics``); the one endpoint
                      that may be served without the token (``[control] public_metrics``)
 

@@ -71,17 +71,19 @@ from fi_peer.control import (
     write_control_file,
 )
 from fi_peer.errors import ConfigError, FiPeerError, KeystoreError, LocalProtocolError
-from fi_peer.he_runtime import HE_RULE, HERuntime, runtime_for
+from fi_peer.he_runtime import HE_RULE, HE_RULES, HERuntime, runtime_for
 from fi_peer.identity import Identity, load_keystore
 from fi_peer.metrics import PeerMetrics
-from fi_peer.models.aggregation import decide
+from fi_peer.models.aggregation import decide, get_rule
 from fi_peer.models.runtime import ModelRuntime
 from fi_peer.privacy.budget import BudgetLedger, BudgetLimits
+from fi_peer.protocol.audit import AuditBook
+from fi_peer.protocol.he_query import HEConfig
 from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
 from fi_peer.protocol.responder import ResponderConfig
-from fi_peer.settlement import EthPayments, Settler
+from fi_peer.settlement import EthPayments, RewardPolicy, Settler
 from network.base import PeerUnreachable, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,11 @@ DIAL_TIMEOUT_S = 5.0
 SHUTDOWN_TIMEOUT_S = 10.0  # the agent and the transport get half each
 MAX_QUERY_ROWS = 64
 MAX_ANNOUNCED_ADDRESSES = 16
+# Audit queries: how long to wait for the members' openings after the answer, and
+# after how long a member that refused with ``not_over`` (our OpenRequest overtook
+# the Result) is asked once more.
+AUDIT_OPEN_TIMEOUT_S = 5.0
+AUDIT_RETRY_AFTER_S = 0.5
 
 
 class DaemonError(FiPeerError):
@@ -199,11 +206,13 @@ def open_chain(config: PeerConfig) -> tuple[Settler, EthPayments]:
             )
         client = ChainClient.connect(chain.rpc_url, load_eth_key(chain), deployment)
         config.receipts_file.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before sqlite opens it: its WAL files (-wal, -shm) take the file's mode
+        with contextlib.suppress(OSError):
+            os.close(os.open(config.receipts_file, os.O_CREAT | os.O_WRONLY, 0o600))
+            config.receipts_file.chmod(0o600)
         store = ReceiptStore(config.receipts_file, client.receipt_domain)
     except (ChainError, ValueError) as exc:
         raise ConfigError(f"[chain]: {exc}") from exc
-    with contextlib.suppress(OSError):
-        config.receipts_file.chmod(0o600)
     settler = Settler(
         client,
         store,
@@ -362,6 +371,8 @@ class Daemon:
             missed_beats=config.missed_beats,
             querier=QuerierConfig(
                 offer_window_ms=config.offer_window_ms,
+                keys_window_ms=config.keys_window_ms,
+                keys_grace_ms=config.keys_grace_ms,
                 min_committee=config.min_committee,
                 secure_aggregation=config.secure_aggregation,
             ),
@@ -370,6 +381,8 @@ class Daemon:
                 capacity=config.capacity,
                 allow_plaintext=config.allow_plaintext,
             ),
+            # HE rules served: the kernel evidence and/or the support network
+            he=HEConfig(rules=he.rules if he is not None else ()),
         )
         # Without a ledger (tests) the core answers without budget accounting.
         self.guard = (
@@ -384,6 +397,11 @@ class Daemon:
             identity, card, config=core_config, guard=self.guard, payments=payments
         )
         self.agent = Agent(self.core, transport, model, clock=clock, chain=settler, he=self.he)
+        self.rewards = self._audits(config, model)
+        if settler is not None:
+            settler.rewards = self.rewards
+        self._audit_waiters: dict[bytes, asyncio.Event] = {}
+        self._publishing: set[asyncio.Task[None]] = set()
         self.started_at = time.monotonic()
         self.control: ControlServer | None = None
         self._broker: Any = None
@@ -403,12 +421,13 @@ class Daemon:
                 config.model,
                 input_dim=model.card.input_dim,
                 vector_len=model.vector_length(HE_RULE) if HE_RULE in model.card.rules else 0,
+                n_classes=model.card.n_classes,
             )
         except FiPeerError as exc:
             raise ConfigError(f"HE-ready model: {exc}") from exc
-        # The CKKS key pair for input-private queries, made now (~1-2 s of CPU that
-        # holds the GIL): made at the first query, it would stall the network then.
-        he.keys()
+        # The CKKS key pair for input-private queries is made at the first such query,
+        # in the worker thread that encrypts it (~0.2 s of CPU, ~70 MB; Galois keys for
+        # nine rotation steps only), so daemons that never ask do not pay for it.
         transport = make_transport(config, identity)
         settler, payments = open_chain(config) if config.chain is not None else (None, None)
         return cls(
@@ -425,6 +444,109 @@ class Daemon:
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
+
+    # -- audits and reward rule --
+
+    def _audits(self, config: PeerConfig, model: ModelRuntime) -> RewardPolicy:
+        """The core's AuditBook (audit queries are decided with the configured rule)
+        and the querier's reward rule over it, with its scores in ``scores.json``."""
+        rule = get_rule(config.rule)
+
+        def labels(sums: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+            return rule.decide_batch(sums)[0]
+
+        def distributions(sums: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+            return rule.decide_batch(sums)[1]
+
+        book = AuditBook(labels, model.card.n_classes)
+        book.listener = self._on_opening
+        self.core.audit_book = book
+        reward_rule = config.chain.reward_rule if config.chain is not None else "equal"
+        try:
+            policy = RewardPolicy(
+                reward_rule, book, decide=labels, proba=distributions, path=config.scores_file
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        policy.directory = self._eth_directory
+        return policy
+
+    def _eth_directory(self) -> dict[str, str]:
+        """peer id -> Ethereum account, from the signed announcements heard."""
+        return {
+            info.peer_id: info.announce.eth_address
+            for info in self.core.membership.peers()
+            if info.announce.eth_address
+        }
+
+    def _on_opening(self, query_id: bytes, member: str, ok: bool) -> None:
+        book = self.core.audit_book
+        waiter = self._audit_waiters.get(query_id)
+        if waiter is None or book is None:
+            return
+        if book.answered(query_id) >= set(book.committed(query_id)):
+            waiter.set()
+
+    async def _open_audit(self, query_id: bytes) -> Json:
+        """After an audit query's answer: ask its members to open, wait for their
+        replies (bounded), fold the openings into the scores, save them, and
+        publish them on chain if configured."""
+        book = self.core.audit_book
+        assert book is not None
+        members = set(book.committed(query_id))
+        done = self._audit_waiters[query_id] = asyncio.Event()
+        try:
+            if members:
+                self.agent.request_openings(query_id)
+                await self._wait(done, AUDIT_RETRY_AFTER_S)
+                late = [m for m, why in book.refused(query_id).items() if why == "not_over"]
+                if late:
+                    done.clear()
+                    self.agent.request_openings(query_id, late)
+                if not done.is_set():
+                    await self._wait(done, AUDIT_OPEN_TIMEOUT_S)
+        finally:
+            self._audit_waiters.pop(query_id, None)
+        opened = self.rewards.on_audit(query_id)
+        try:
+            self.rewards.save()  # a few KB; on the loop, so no audit changes it meanwhile
+        except OSError as exc:
+            log.warning("saving the audit scores failed: %s", exc)
+        chain = self.config.chain
+        if opened and self.settler is not None and chain is not None and chain.publish_scores:
+            task = asyncio.get_running_loop().create_task(self._publish_scores())
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+        return {
+            "label": book.label(query_id),
+            "committed": len(members),
+            "opened": len(book.opened_vectors(query_id)),
+            "refused": book.refused(query_id),
+        }
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+
+    async def _publish_scores(self) -> None:
+        """The merit scores (in [0, 1]) of the members we audited, as registry events."""
+        assert self.settler is not None
+        scores = {
+            row["eth"]: row["merit"]
+            for row in self.rewards.table()
+            if row["eth"] and row["audits"] > 0 and row["merit"] is not None
+        }
+        if not scores:
+            return
+        try:
+            await self.settler.client.publish_scores(scores)
+        except (ChainError, ValueError) as exc:
+            log.warning("publishing the audit scores failed: %s", exc)
+            self.settler.metrics["scores.publish_failed"] += 1
+            return
+        self.settler.metrics["scores.published"] += 1
 
     # -- lifecycle --
 
@@ -523,7 +645,7 @@ class Daemon:
         """Close everything, each step bounded: a step that hangs is logged and skipped,
         so SIGTERM always ends the process (the transport is closed directly if
         the agent does not finish closing it)."""
-        for task in list(self._dials):
+        for task in list(self._dials) + list(self._publishing):
             task.cancel()
         if self.control is not None:
             await _bounded("the control API", self.control.aclose(), 3.0)
@@ -652,9 +774,19 @@ class Daemon:
             "market": {"price_wei": self.config.price_wei, "capacity": self.config.capacity},
             "privacy": self._privacy_status(),
             "chain": await self._chain_status(),
+            "audits": self._audit_status(),
             "queries": dict(self._queries),
             "answered": int(metrics.get("accepted.receipt", 0)),
             "metrics": {k: int(v) for k, v in sorted(metrics.items())},
+        }
+
+    def _audit_status(self) -> Json:
+        """This querier's reward rule, its members' audit scores, and the last
+        weighted settlements (weights and wei per seat)."""
+        return {
+            "reward_rule": self.rewards.rule,
+            "members": self.rewards.table(),
+            "weighted_settlements": list(self.rewards.recent),
         }
 
     async def _chain_status(self) -> Json:
@@ -788,9 +920,13 @@ class Daemon:
         input_private = request.get("input_private", False)  # HE mode (fi_peer.he_runtime)
         if not isinstance(input_private, bool):
             raise RequestError(400, "input_private must be true or false")
-        rule = request.get("rule") or (HE_RULE if input_private else cfg.rule)
-        if input_private and rule != HE_RULE:
-            raise RequestError(400, f"input-private queries use the {HE_RULE!r} rule")
+        # Input-private: the kernel evidence (bounded sensitivity: DP and budgets as in
+        # the default mode) unless the support network is asked for (no DP then).
+        rule = request.get("rule") or (HE_RULES[0] if input_private else cfg.rule)
+        if input_private and rule not in HE_RULES:
+            raise RequestError(
+                400, f"input-private queries use the {' or '.join(map(repr, HE_RULES))} rule"
+            )
         if not isinstance(rule, str) or rule not in card.rules:
             raise RequestError(
                 400, f"rule {rule!r} is not offered by this peer's model ({', '.join(card.rules)})"
@@ -801,12 +937,12 @@ class Daemon:
                 409, "no other peer is known yet; wait for discovery (`fi-peer peers`)"
             )
         k = _number(request, "k", int, min(cfg.k, known), 1, MAX_K)
-        # An HE query may carry the key exchange (~53 MB to each new member): more time.
+        # An HE query may carry the key exchange (~12 MB to each new member): more time.
         timeout_default = max(cfg.query_timeout_s, 60.0) if input_private else cfg.query_timeout_s
         timeout_s = _number(request, "timeout_s", float, timeout_default, 0.1, 110.0)
         max_price = _number(request, "max_price_wei", int, cfg.max_price_wei, 0, 2**64 - 1)
         # The HE mode's support vector has no bounded sensitivity: no DP unless asked.
-        eps_default = 0.0 if input_private else cfg.epsilon
+        eps_default = 0.0 if input_private and rule == HE_RULE else cfg.epsilon
         epsilon = _number(request, "epsilon", float, eps_default, 0.0, 1e6)
         delta = _number(request, "delta", float, cfg.delta, 1e-12, 0.5)
         secagg = request.get("secure_aggregation", cfg.secure_aggregation)
@@ -814,13 +950,20 @@ class Daemon:
             raise RequestError(400, "secure_aggregation must be true or false")
         privacy = {"epsilon": epsilon, "delta": delta, "secagg": secagg}
         privacy["input_private"] = input_private
+        labels = self._audit_labels(request, len(rows), rule, input_private)
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
                 self._one_query(
-                    row, rule=rule, k=k, timeout_s=timeout_s, max_price=max_price, **privacy
+                    row,
+                    rule=rule,
+                    k=k,
+                    timeout_s=timeout_s,
+                    max_price=max_price,
+                    audit_label=label,
+                    **privacy,
                 )
-                for row in rows
+                for row, label in zip(rows, labels, strict=True)
             )
         )
         total_ms = (time.perf_counter() - started) * 1000
@@ -837,6 +980,37 @@ class Daemon:
             "timings": {"total_ms": round(total_ms, 3)},
         }
 
+    def _audit_labels(
+        self, request: Json, n_rows: int, rule: str, input_private: bool
+    ) -> list[int | None]:
+        """Per input row, the label this querier knows (an audit query) or None:
+        ``audit_label`` (one input) or ``audit_labels`` (one per row, null for none)."""
+        one, many = request.get("audit_label"), request.get("audit_labels")
+        if one is not None and many is not None:
+            raise RequestError(400, "give audit_label or audit_labels, not both")
+        if one is not None:
+            if n_rows != 1:
+                raise RequestError(400, "audit_label is for one input; use audit_labels")
+            many = [one]
+        if many is None:
+            return [None] * n_rows
+        if not isinstance(many, list) or len(many) != n_rows:
+            raise RequestError(400, f"audit_labels must be a list of {n_rows} labels (or null)")
+        n_classes = self.model.card.n_classes
+        for label in many:
+            if label is not None and (
+                isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_classes
+            ):
+                raise RequestError(400, f"audit labels must be integers in 0..{n_classes - 1}")
+        if any(label is not None for label in many):
+            if input_private:
+                raise RequestError(400, "input-private (HE) queries cannot be audited")
+            if rule != self.config.rule:
+                raise RequestError(
+                    400, f"audit queries use the configured rule {self.config.rule!r}"
+                )
+        return list(many)
+
     async def _one_query(
         self,
         x: npt.NDArray[np.float32],
@@ -849,6 +1023,7 @@ class Daemon:
         delta: float,
         secagg: bool,
         input_private: bool = False,
+        audit_label: int | None = None,
     ) -> Json:
         async with self._gate:
             started = time.perf_counter()
@@ -863,6 +1038,7 @@ class Daemon:
                     delta=delta,
                     secagg=secagg,
                     input_private=input_private,
+                    audit_label=audit_label,
                 )
             except LocalProtocolError as exc:
                 raise RequestError(400, str(exc)) from exc
@@ -887,6 +1063,8 @@ class Daemon:
                 "committee": list(outcome.escrow.committee),
                 "delivered": list(outcome.delivered),
             }
+        if outcome.ok and audit_label is not None:
+            result["audit"] = await self._open_audit(outcome.query_id)
         if outcome.ok and outcome.total is not None:
             label, distribution = decide(outcome.total, rule)
             result["label"] = label

@@ -10,17 +10,36 @@ chain client, and the querier's settlement batcher.
   a restarted querier still settles what it owes and refunds what nobody earned.
 - :func:`chain_terms` turns the core's :class:`EscrowTerms` into the chain's
   :class:`QueryTerms` (checksummed, committee sorted as the contract wants).
+- :class:`RewardPolicy` is the querier's reward rule at settlement (``equal``,
+  ``merit``, ``agreement``, ``entropy``) and its per-member contribution scores
+  from opened audit queries (leave-one-out, truncated Monte-Carlo Shapley,
+  accuracy merit), kept in a JSON file across restarts. With a rule other than
+  ``equal`` the Settler settles each query with ``settleWeighted`` (the
+  delivered shares' money split by the rule's weights, each delivered member
+  at least the contract's floor); queries whose split comes out equal (no
+  audits yet) still go in ``settleBatch``. Deviation from DESIGN.md
+  ("Incentives: paid per delivered share at the agreed price"): that stays the
+  default and the floor; a querier that opts into a rule redistributes the
+  same total (contracts/README.md, "Reward rules").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
-from collections import Counter
+import math
+import os
+import tempfile
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from eth_account.signers.local import LocalAccount
 
 from fi_peer.chain.client import ChainClient, QueryStatus
@@ -29,7 +48,16 @@ from fi_peer.chain.errors import ChainError, ChainUnavailable, ContractRevert, I
 from fi_peer.chain.receipts import PaymentReceipt, ReceiptDomain, sign_receipt, verify_receipt
 from fi_peer.chain.sqlite import SqliteStore
 from fi_peer.chain.store import ReceiptState, ReceiptStore
-from fi_peer.chain.terms import QueryTerms, Settlement, checksum, plan_batches
+from fi_peer.chain.terms import (
+    QueryTerms,
+    Settlement,
+    WeightedSettlement,
+    checksum,
+    plan_batches,
+)
+from fi_peer.incentives.rewards import REWARD_RULES, audit_rule_shares, settlement_amounts
+from fi_peer.incentives.scores import Decider, Distribution, audit_contributions
+from fi_peer.protocol.audit import AuditBook
 from fi_peer.protocol.effects import QueryOutcome
 from fi_peer.protocol.messages import Receipt
 from fi_peer.protocol.payment import EscrowTerms
@@ -104,15 +132,24 @@ class EscrowBook(SqliteStore):
                 (state.value, delivered, self.domain.chain_id, self.domain.escrow, terms.query_id),
             )
 
-    def entries(self, *states: EscrowState) -> list[tuple[QueryTerms, int | None, EscrowState]]:
+    def entries(
+        self, *states: EscrowState, deadline_before: int | None = None
+    ) -> list[tuple[QueryTerms, int | None, EscrowState]]:
         """(terms, delivered bitmap if known, state) of every escrow in ``states``
-        (all if none given), oldest first."""
+        (all if none given), oldest first; ``deadline_before``: only those whose
+        deadline is earlier (filtered in SQL: refund_due polls this every round)."""
         wanted = [st.value for st in (states or tuple(EscrowState))]
+        due = "" if deadline_before is None else " AND deadline < ?"
         rows = self._db.execute(
             "SELECT query_id, querier, committee, price_wei, deadline, delivered, state"
             " FROM chain_escrows WHERE chain_id = ? AND escrow = ?"
-            f" AND state IN ({', '.join('?' * len(wanted))}) ORDER BY rowid",
-            (self.domain.chain_id, self.domain.escrow, *wanted),
+            f" AND state IN ({', '.join('?' * len(wanted))}){due} ORDER BY rowid",
+            (
+                self.domain.chain_id,
+                self.domain.escrow,
+                *wanted,
+                *(() if deadline_before is None else (deadline_before,)),
+            ),
         ).fetchall()
         out = []
         for query_id, querier, committee, price, deadline, delivered, state in rows:
@@ -189,6 +226,240 @@ class EthPayments:
         return sign_commitment(self.account, self.registry, statement)
 
 
+_STAT_KEYS = ("loo_sum", "shapley_sum", "agreement_sum", "entropy_sum", "scored")
+SCORES_VERSION = 1
+RECENT_WEIGHTED = 64
+
+
+class RewardPolicy:
+    """A querier's reward rule at settlement and its members' contribution scores.
+
+    ``rule``: ``equal`` (price per delivered share), ``merit`` (the accuracy
+    merit of fi_peer.incentives.merit from opened audits, with the member's
+    mean Shapley value as its chance gate), ``agreement`` / ``entropy`` (the FI
+    paper's label-free rules, on the opened audit vectors: for comparison).
+    :meth:`on_audit` folds one audit's openings in (per member: leave-one-out
+    and truncated Monte-Carlo Shapley on that query, its label-free shares);
+    per-member scores are means over the audits the member took part in
+    (committees differ from query to query). :meth:`amounts` is what the
+    Settler asks at settlement: per seat, the floor plus the rest of the
+    delivered money split by the weights (fi_peer.incentives.rewards.
+    settlement_amounts), or None for an equal split. A member that was never
+    audited is weighted like the mean of the audited members of its committee
+    (a stated prior: new peers are not starved); a member caught opening a
+    commitment to another vector weighs 0. Counts and score sums are kept in
+    ``path`` (JSON, written atomically after every audit; None: in memory).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        book: AuditBook,
+        *,
+        decide: Decider,
+        proba: Distribution | None = None,
+        path: Path | None = None,
+    ) -> None:
+        if rule not in REWARD_RULES:
+            raise ValueError(f"unknown reward rule {rule!r} (one of {', '.join(REWARD_RULES)})")
+        self.rule = rule
+        self.book = book
+        self.decide = decide
+        self.proba = proba
+        self.path = path
+        self.stats: dict[str, dict[str, float]] = {}
+        self.address_of: dict[str, str] = {}
+        # peer id -> Ethereum account of the peers known now (the daemon's membership)
+        self.directory: Callable[[], Mapping[str, str]] | None = None
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_WEIGHTED)
+        if path is not None:
+            self._load(path)
+
+    # -- persistence ------------------------------------------------------------------
+    def _load(self, path: Path) -> None:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the contribution scores {path}: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("version") != SCORES_VERSION:
+            raise ValueError(f"{path} is not a version-{SCORES_VERSION} score file")
+        for peer, row in dict(doc.get("members", {})).items():
+            self.stats[str(peer)] = {k: float(row.get(k, 0.0)) for k in _STAT_KEYS}
+            self.book.opened[peer] = int(row.get("audits", 0))
+            self.book.hits[peer] = int(row.get("hits", 0))
+            self.book.bad[peer] = int(row.get("bad", 0))
+            self.book.refusals[peer] = int(row.get("refused", 0))
+            if row.get("eth"):
+                self.address_of[peer] = checksum(str(row["eth"]))
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        members = {}
+        for peer in sorted(self._known()):
+            row: dict[str, Any] = {k: self.stats.get(peer, {}).get(k, 0.0) for k in _STAT_KEYS}
+            row.update(
+                audits=self.book.opened[peer],
+                hits=self.book.hits[peer],
+                bad=self.book.bad[peer],
+                refused=self.book.refusals[peer],
+                eth=self.address_of.get(peer, ""),
+            )
+            members[peer] = row
+        doc = {"version": SCORES_VERSION, "rule": self.rule, "members": members}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".scores-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _known(self) -> set[str]:
+        book = self.book
+        return set(self.stats) | set(book.opened) | set(book.bad) | set(book.refusals)
+
+    # -- scores -----------------------------------------------------------------------
+    def learn(self, peer: str, address: str) -> None:
+        """``peer``'s Ethereum account (from its signed announcement)."""
+        with contextlib.suppress(ValueError):
+            self.address_of[peer] = checksum(address)
+
+    def refresh(self) -> None:
+        """Learn the accounts of the peers known now (see ``directory``)."""
+        if self.directory is not None:
+            for peer, address in self.directory().items():
+                self.learn(peer, address)
+
+    def on_audit(self, query_id: bytes) -> bool:
+        """Fold one audit's verified openings into the scores; False if none opened."""
+        vectors = self.book.opened_vectors(query_id)
+        label = self.book.label(query_id)
+        if not vectors or label is None:
+            return False
+        seed = int.from_bytes(query_id[:8], "big")
+        loo, phi = audit_contributions(
+            vectors, label, self.decide, n_classes=self.book.n_classes, proba=self.proba,
+            seed=seed,
+        )  # fmt: skip
+        total = np.sum([vectors[m] for m in sorted(vectors)], axis=0)
+        collective = int(self.decide(total[None, :])[0])
+        dists = {m: self._distribution(v) for m, v in vectors.items()}
+        agreement = audit_rule_shares("agreement", dists, collective)
+        entropy = audit_rule_shares("entropy", dists, collective)
+        for m in vectors:
+            row = self.stats.setdefault(m, dict.fromkeys(_STAT_KEYS, 0.0))
+            row["loo_sum"] += loo[m]
+            row["shapley_sum"] += phi[m]
+            row["agreement_sum"] += agreement[m]
+            row["entropy_sum"] += entropy[m]
+            row["scored"] += 1
+        return True
+
+    def _distribution(self, vector: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        if self.proba is not None:
+            return np.asarray(self.proba(vector[None, :])[0], dtype=np.float64)
+        one_hot = np.zeros(self.book.n_classes)
+        one_hot[int(self.decide(vector[None, :])[0])] = 1.0
+        return one_hot
+
+    def _mean(self, peer: str, key: str) -> float | None:
+        row = self.stats.get(peer)
+        if not row or row["scored"] <= 0:
+            return None
+        return row[key] / row["scored"]
+
+    def weights(self, peers: list[str]) -> list[float] | None:
+        """The rule's weight of each of ``peers`` (one committee); None: equal."""
+        if self.rule == "equal" or not peers:
+            return None
+        if self.rule == "merit":
+            shapley = [self._mean(p, "shapley_sum") or 0.0 for p in peers]
+            raw: list[float | None] = [
+                float(v) if self.book.opened[p] > 0 else None
+                for p, v in zip(peers, self.book.scores(peers, shapley=shapley), strict=True)
+            ]
+        else:
+            raw = [self._mean(p, f"{self.rule}_sum") for p in peers]
+        for i, p in enumerate(peers):
+            if self.book.bad[p] > 0:
+                raw[i] = 0.0
+        known = [v for v in raw if v is not None]
+        if not known:
+            return None
+        prior = float(np.mean(known))
+        return [prior if v is None else max(0.0, v) for v in raw]
+
+    def amounts(self, terms: QueryTerms, delivered: int) -> tuple[int, ...] | None:
+        """Per-seat pay of one query under the rule; None when it is the equal split."""
+        if self.rule == "equal" or delivered == 0:
+            return None
+        self.refresh()
+        peer_of = {a: p for p, a in self.address_of.items()}
+        peers = [peer_of.get(a, f"?{a}") for a in terms.committee]
+        weights = self.weights(peers)
+        if weights is None:
+            return None
+        seats = [bool(delivered >> i & 1) for i in range(terms.size)]
+        amounts = settlement_amounts(
+            terms.price_wei, seats, weights, min_share_wei=terms.min_share_wei
+        )
+        if all(a == (terms.price_wei if d else 0) for a, d in zip(amounts, seats, strict=True)):
+            return None
+        for old in [r for r in self.recent if r["query_id"] == terms.query_id.hex()]:
+            self.recent.remove(old)  # computed again (a retried settlement): keep the last
+        self.recent.append(
+            {
+                "query_id": terms.query_id.hex(),
+                "rule": self.rule,
+                "price_wei": terms.price_wei,
+                "committee": list(terms.committee),
+                "delivered": delivered,
+                "weights": weights,
+                "amounts": amounts,
+            }
+        )
+        return tuple(amounts)
+
+    def table(self) -> list[dict[str, Any]]:
+        """Per member: audits, hits, refusals, bad openings and every score (status)."""
+        self.refresh()
+        peers = sorted(self._known())
+        if not peers:
+            return []
+        shapley = [self._mean(p, "shapley_sum") or 0.0 for p in peers]
+        merit = self.book.scores(peers, shapley=shapley)
+        accuracy = self.book.accuracy(peers)
+        rows = []
+        for i, p in enumerate(peers):
+            rows.append(
+                {
+                    "peer_id": p,
+                    "eth": self.address_of.get(p, ""),
+                    "audits": int(self.book.opened[p]),
+                    "hits": int(self.book.hits[p]),
+                    "refused": int(self.book.refusals[p]),
+                    "bad": int(self.book.bad[p]),
+                    "accuracy": _finite(accuracy[i]) if self.book.opened[p] else None,
+                    "merit": _finite(merit[i]),
+                    "loo": self._mean(p, "loo_sum"),
+                    "shapley": self._mean(p, "shapley_sum"),
+                    "agreement": self._mean(p, "agreement_sum"),
+                    "entropy": self._mean(p, "entropy_sum"),
+                }
+            )
+        return rows
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
 class Settler:
     """One peer's side of payment on chain, for the agent (its ``chain`` adapter).
 
@@ -221,6 +492,7 @@ class Settler:
         auto_withdraw: bool = False,
         book_path: Path | str = ":memory:",
         settle_margin_s: int = SETTLE_MARGIN_S,
+        rewards: RewardPolicy | None = None,
     ) -> None:
         if every_queries < 1 or every_s <= 0 or claim_every_s <= 0:
             raise ValueError("settlement intervals must be positive")
@@ -232,6 +504,8 @@ class Settler:
         self.claim_every_s = claim_every_s
         self.auto_withdraw = auto_withdraw
         self.settle_margin_s = settle_margin_s
+        # The querier's reward rule (None or "equal": settleBatch, price per share).
+        self.rewards = rewards
         self.pending: list[Settlement] = []
         self.metrics: Counter[str] = Counter()
         self._attempts: Counter[bytes] = Counter()
@@ -324,7 +598,12 @@ class Settler:
                 # the whole batch revert.
                 todo = self._not_late(todo, now)
                 retry: list[Settlement] = []
-                for batch in plan_batches(todo):
+                weighted, plain = self._by_rule(todo)
+                for ws in weighted:
+                    settled, again = await self._settle_weighted(ws)
+                    done += settled
+                    retry += again
+                for batch in plan_batches(plain):
                     settled, again = await self._settle(batch)
                     done += settled
                     retry += again
@@ -361,6 +640,40 @@ class Settler:
             self.book.mark(s.terms, EscrowState.CLOSED if full else EscrowState.HELD)
         except ChainError:
             log.exception("recording query %s failed", s.terms.query_id.hex())
+
+    def _by_rule(self, todo: list[Settlement]) -> tuple[list[WeightedSettlement], list[Settlement]]:
+        """Split what is due into weighted settlements (the reward rule pays other
+        than equal) and plain ones (settleBatch)."""
+        if self.rewards is None or self.rewards.rule == "equal":
+            return [], todo
+        weighted, plain = [], []
+        for s in todo:
+            try:
+                amounts = self.rewards.amounts(s.terms, s.delivered)
+                if amounts is not None:
+                    weighted.append(WeightedSettlement(s.terms, s.delivered, amounts))
+                    continue
+            except ValueError:
+                log.exception(
+                    "reward rule failed for query %s; paying equal", s.terms.query_id.hex()
+                )
+                self.metrics["settle.rule_failed"] += 1
+            plain.append(s)
+        return weighted, plain
+
+    async def _settle_weighted(self, ws: WeightedSettlement) -> tuple[int, list[Settlement]]:
+        """Send one settleWeighted: (queries settled, queries to send again)."""
+        plain = Settlement(ws.terms, ws.delivered)
+        try:
+            await self.client.settle_weighted(ws)
+        except (ChainError, ValueError) as exc:
+            log.warning("weighted settlement of %s failed: %s", ws.terms.query_id.hex(), exc)
+            self.metrics["settle.failed_batches"] += 1
+            return await self._after_failure([plain], unavailable=isinstance(exc, ChainUnavailable))
+        self._settled(plain)
+        self.metrics["settle.weighted"] += 1
+        self.metrics["settle.queries"] += 1
+        return 1, []
 
     async def _settle(self, batch: list[Settlement]) -> tuple[int, list[Settlement]]:
         """Send one batch: (queries settled, queries to send again)."""
@@ -412,7 +725,10 @@ class Settler:
         pending = {s.terms.query_id for s in self.pending}
         total = 0
         for terms, delivered, _ in self.book.entries(
-            EscrowState.OPEN, EscrowState.SETTLING, EscrowState.HELD
+            EscrowState.OPEN,
+            EscrowState.SETTLING,
+            EscrowState.HELD,
+            deadline_before=now - self._grace,
         ):
             if terms.deadline + self._grace >= now or terms.query_id in pending:
                 continue

@@ -45,7 +45,13 @@ from fi_peer.chain.receipts import (
     verify_receipt,
 )
 from fi_peer.chain.store import ReceiptState, ReceiptStore, StoredReceipt
-from fi_peer.chain.terms import QueryTerms, Settlement, encode_batch, plan_batches
+from fi_peer.chain.terms import (
+    QueryTerms,
+    Settlement,
+    WeightedSettlement,
+    encode_batch,
+    plan_batches,
+)
 from fi_peer.chain.txsender import GasPolicy, TxResult, TxSender
 
 __all__ = [
@@ -78,6 +84,7 @@ __all__ = [
     "TransactionFailed",
     "TxResult",
     "TxSender",
+    "WeightedSettlement",
     "deploy_contracts",
     "encode_batch",
     "eth_tester_chain",

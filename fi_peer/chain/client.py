@@ -35,7 +35,14 @@ from fi_peer.chain.artifacts import Artifact, load_artifact
 from fi_peer.chain.commitments import CommitmentStatement, RegistryDomain, sign_commitment
 from fi_peer.chain.errors import ChainError, ChainUnavailable
 from fi_peer.chain.receipts import PaymentReceipt, ReceiptDomain, sign_receipt
-from fi_peer.chain.terms import CLOSED_STATE, QueryTerms, Settlement, checksum, encode_batch
+from fi_peer.chain.terms import (
+    CLOSED_STATE,
+    QueryTerms,
+    Settlement,
+    WeightedSettlement,
+    checksum,
+    encode_batch,
+)
 from fi_peer.chain.txsender import GasPolicy, TxResult, TxSender
 
 ESCROW = "QueryEscrow"
@@ -255,6 +262,18 @@ class ChainClient:
         mask = terms.mask_of(delivered)
         data = self._escrow.encode_abi("settle", args=[terms.query_id, terms.as_abi(), mask])
         slack = CREDIT_GAS_SLACK * bin(mask).count("1")
+        return await self._send(self.deployment.escrow, data, extra_gas=slack)
+
+    async def settle_weighted(self, settlement: WeightedSettlement) -> TxResult:
+        """Settle one query by a reward rule (``settleWeighted``: the delivered
+        shares' money split as ``settlement.amounts`` says)."""
+        terms = settlement.terms
+        self._require_querier(terms)
+        data = self._escrow.encode_abi(
+            "settleWeighted",
+            args=[terms.query_id, terms.as_abi(), settlement.delivered, list(settlement.amounts)],
+        )
+        slack = CREDIT_GAS_SLACK * bin(settlement.delivered).count("1")
         return await self._send(self.deployment.escrow, data, extra_gas=slack)
 
     async def settle_batch(self, settlements: Sequence[Settlement]) -> TxResult:

@@ -29,6 +29,9 @@ MAX_COMMITTEE = 32
 MAX_BATCH_MEMBERS = 256
 MAX_PRICE = 2**128 - 1
 MAX_DEADLINE = 2**64 - 1
+#: settleWeighted's floor: a delivered member gets at least this many basis
+#: points of the price (QueryEscrow.MIN_SHARE_BPS; tests/chain checks they agree).
+MIN_SHARE_BPS = 1_000
 
 _TAG_OPEN = 1 << 254
 _TAG_HELD = 3 << 254
@@ -144,6 +147,11 @@ class QueryTerms:
         digest = keccak(self.commitment() + delivered.to_bytes(32, "big"))
         return ((int.from_bytes(digest, "big") >> 2) | _TAG_HELD).to_bytes(32, "big")
 
+    @property
+    def min_share_wei(self) -> int:
+        """settleWeighted's least pay for a delivered member."""
+        return self.price_wei * MIN_SHARE_BPS // 10_000
+
     def as_abi(self) -> tuple[str, list[str], int, int]:
         """The ``Terms`` struct argument of settle / claim / refund."""
         return (self.querier, list(self.committee), self.price_wei, self.deadline)
@@ -159,6 +167,34 @@ class Settlement:
     def __post_init__(self) -> None:
         if self.delivered < 0 or self.delivered >> self.terms.size:
             raise ValueError("delivered has bits outside the committee")
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedSettlement:
+    """One query settled by a reward rule (``settleWeighted``): ``amounts[i]`` is
+    committee[i]'s pay. Checked as the contract checks: 0 for a seat that did not
+    deliver, at least ``terms.min_share_wei`` for one that did, and the sum is
+    exactly popcount(delivered) * price."""
+
+    terms: QueryTerms
+    delivered: int
+    amounts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        t = self.terms
+        if self.delivered < 0 or self.delivered >> t.size:
+            raise ValueError("delivered has bits outside the committee")
+        if len(self.amounts) != t.size:
+            raise ValueError(f"need {t.size} amounts (one per seat), got {len(self.amounts)}")
+        paid = bin(self.delivered).count("1") * t.price_wei
+        for i, amount in enumerate(self.amounts):
+            if self.delivered >> i & 1:
+                if not t.min_share_wei <= amount <= paid:
+                    raise ValueError(f"seat {i}: {amount} wei is outside {t.min_share_wei}..{paid}")
+            elif amount != 0:
+                raise ValueError(f"seat {i} did not deliver and must get 0, not {amount}")
+        if sum(self.amounts) != paid:
+            raise ValueError(f"amounts sum to {sum(self.amounts)}, not the {paid} wei delivered")
 
 
 BatchItem = tuple[bytes, int, int, int, int, int]

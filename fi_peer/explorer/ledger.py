@@ -8,7 +8,9 @@ querier: it is the transaction's sender) and block times; :class:`TxInfo`
 carries both, read by :mod:`fi_peer.explorer.source`.
 
 Pay per member and query is ``QueryOpened.committee`` x ``QuerySettled.delivered``
-x price, plus any ``Claimed`` amount; ``Credited`` is a per-transaction sum
+x price (or, for a query settled by the querier's reward rule with
+``settleWeighted``, the per-seat amounts of the ``WeightedSettled`` event that
+follows its ``QuerySettled``), plus any ``Claimed`` amount; ``Credited`` is a per-transaction sum
 (one per member per settle or settleBatch) and is what account earnings add up.
 An account's escrow balance must equal credited + claimed + refunded (as a
 querier) − withdrawn; the pages show it next to ``balanceOf`` from the chain.
@@ -93,6 +95,7 @@ class Query:
     refunded: int = 0
     refunded_at: Step | None = None
     payouts: dict[str, Payout] = field(default_factory=dict)
+    weighted: bool = False  # settled by a reward rule (settleWeighted), not price per share
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -338,6 +341,17 @@ def _escrow_event(
         _link(ledger, e.tx_hash, query.key)
         t.queries_settled += 1
         t.paid_wei += paid
+    elif e.event == "WeightedSettled":
+        tx = txs.get(e.tx_hash)
+        query = None if tx is None else ledger.queries.get((tx.sender, _bytes(a["queryId"])))
+        amounts = [int(x) for x in a["amounts"]]
+        if query is None or query.delivered is None or len(amounts) != len(query.committee):
+            ledger.problems.append(f"weighted settlement in tx 0x{e.tx_hash.hex()} does not fit")
+            return
+        query.weighted = True
+        for i, member in enumerate(query.committee):
+            if query.delivered >> i & 1:
+                query.payouts[member].settled += amounts[i] - query.price
     elif e.event == "Credited":
         credited = ledger.account(str(a["member"]))
         credited.credited += int(a["amount"])

@@ -396,7 +396,8 @@ def _step_text(q: Query, kind: str, amount: int, account: str | None, detail: st
     if kind == "opened":
         return join("escrowed ", wei(amount), f" for {len(q.committee)} shares")
     if kind == "settled":
-        return join(f"{detail} delivered, paid ", wei(amount))
+        rule = " (split by the querier's reward rule: settleWeighted)" if q.weighted else ""
+        return join(f"{detail} delivered, paid ", wei(amount), rule)
     if kind == "claimed":
         return join(addr(account), " claimed ", wei(amount), " with a receipt")
     if kind == "refunded":

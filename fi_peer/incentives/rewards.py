@@ -28,7 +28,7 @@ Pure numpy and integer arithmetic: no I/O, no clock, no randomness.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from numbers import Rational
 
@@ -39,6 +39,7 @@ __all__ = [
     "REWARD_RULES",
     "agreement_shares",
     "allocate",
+    "audit_rule_shares",
     "entropy_shares",
     "entropy_weights",
     "equal_shares",
@@ -46,6 +47,7 @@ __all__ = [
     "merit_from_accuracy",
     "merit_shares",
     "normalize",
+    "settlement_amounts",
 ]
 
 Array = npt.NDArray[np.float64]
@@ -205,3 +207,71 @@ def allocate(budget: int, weights: Sequence[object] | npt.ArrayLike) -> list[int
     out = [int(a) for a in amounts]
     assert sum(out) == b
     return out
+
+
+def settlement_amounts(
+    price_wei: int,
+    delivered: Sequence[bool],
+    weights: Sequence[object] | npt.ArrayLike,
+    *,
+    min_share_wei: int,
+) -> list[int]:
+    """Per-seat pay of one query settled by a reward rule (``settleWeighted``).
+
+    The delivered shares' money, ``n_delivered * price_wei``, is split exactly:
+    every seat that delivered gets ``min_share_wei`` (the contract's floor),
+    and the rest is :func:`allocate`-d in proportion to the weights of the
+    seats that delivered; a seat that did not deliver gets 0 (its weight is
+    ignored). When no delivered seat has a positive weight the split is equal
+    (``price_wei`` each). The result passes the contract's checks by
+    construction: floor, zeros and an exact sum.
+    """
+    if isinstance(price_wei, bool) or not isinstance(price_wei, int) or price_wei <= 0:
+        raise ValueError(f"price_wei must be a positive int, got {price_wei!r}")
+    if not 0 <= min_share_wei <= price_wei:
+        raise ValueError("min_share_wei must be in 0..price_wei")
+    w = list(np.asarray(weights, dtype=object).reshape(-1))
+    if len(w) != len(delivered):
+        raise ValueError(f"{len(w)} weights for {len(delivered)} seats")
+    seats = [i for i, d in enumerate(delivered) if d]
+    out = [0] * len(delivered)
+    if not seats:
+        return out
+    exact = [_exact(w[i]) for i in seats]
+    if any(x < 0 for x in exact):
+        raise ValueError("weights must be non-negative")
+    if sum(exact, Fraction(0)) == 0:
+        exact = [Fraction(1)] * len(seats)
+    rest = len(seats) * (price_wei - min_share_wei)
+    for i, extra in zip(seats, allocate(rest, exact), strict=True):
+        out[i] = min_share_wei + extra
+    return out
+
+
+def audit_rule_shares(
+    rule: str, distributions: Mapping[str, npt.ArrayLike], collective: int
+) -> dict[str, float]:
+    """One opened audit's reward shares under a label-free rule, per member.
+
+    ``distributions``: each member's own decided distribution over the classes
+    (from its opened vector); ``collective``: the committee's answer.
+    ``agreement``: the query's unit split among the members whose argmax is the
+    collective answer (:func:`agreement_shares` on one query; nobody agrees:
+    nobody scores); ``entropy``: the entropy weights of :func:`entropy_weights`.
+    A querier sums (or averages) these per member over its audits.
+    """
+    members = sorted(distributions)
+    if not members:
+        return {}
+    probs = np.stack([np.asarray(distributions[m], dtype=np.float64) for m in members])
+    probs = probs[:, None, :]  # (K, 1, C)
+    if rule == "agreement":
+        p = _probs(probs)
+        agree = p[:, 0, :].argmax(axis=1) == int(collective)
+        count = int(agree.sum())
+        shares = agree / count if count else np.zeros(len(members))
+    elif rule == "entropy":
+        shares = entropy_weights(probs)[:, 0]
+    else:
+        raise ValueError(f"{rule!r} is not a label-free rule (agreement, entropy)")
+    return {m: float(v) for m, v in zip(members, shares, strict=True)}

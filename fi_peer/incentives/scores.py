@@ -41,7 +41,7 @@ permutations come from a ``numpy.random.Generator`` seeded by the caller's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
@@ -52,6 +52,7 @@ __all__ = [
     "Decider",
     "Distribution",
     "ValueFunction",
+    "audit_contributions",
     "exact_shapley",
     "leave_one_out",
     "monte_carlo_shapley",
@@ -235,3 +236,34 @@ def monte_carlo_shapley(
             _walk(game, order[::-1], grand, tolerance, total)
             done += 1
     return total / permutations
+
+
+def audit_contributions(
+    vectors: Mapping[str, npt.ArrayLike],
+    label: int,
+    decide: Decider,
+    *,
+    n_classes: int,
+    proba: Distribution | None = None,
+    permutations: int = 64,
+    tolerance: float = 0.01,
+    seed: int | Sequence[int] = 0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Leave-one-out and truncated Monte-Carlo Shapley scores of the members of
+    ONE audit query: ``vectors`` maps each member that opened to its vector,
+    ``label`` is the known answer. The game is :class:`CoalitionAccuracy` over
+    this one query (``proba`` given: the probability the coalition's decided
+    distribution puts on the label, which moves with every vector). Committees
+    differ from query to query, so a querier averages these per member over the
+    audits each member took part in."""
+    members = sorted(vectors)
+    if not members:
+        return {}, {}
+    stacked = np.stack([np.asarray(vectors[m], dtype=np.float64) for m in members])
+    game = CoalitionAccuracy(stacked[:, None, :], [label], decide, n_classes=n_classes, proba=proba)
+    loo = leave_one_out(game)
+    phi = monte_carlo_shapley(game, permutations=permutations, tolerance=tolerance, seed=seed)
+    return (
+        {m: float(v) for m, v in zip(members, loo, strict=True)},
+        {m: float(v) for m, v in zip(members, phi, strict=True)},
+    )

@@ -209,6 +209,7 @@ class _Audit:
     commitments: dict[str, bytes] = field(default_factory=dict)
     opened: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    bad: dict[str, None] = field(default_factory=dict)
 
 
 class AuditBook:
@@ -231,6 +232,9 @@ class AuditBook:
         self.opened: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        # Told of every reply to an OpenRequest (query id, member, opened ok): the
+        # driver's hook to wait for an audit's openings. Pure callers leave it None.
+        self.listener: Callable[[bytes, str, bool], None] | None = None
 
     def is_audit(self, query_id: bytes) -> bool:
         return query_id in self.audits
@@ -254,8 +258,51 @@ class AuditBook:
             return []
         return [(m, OpenRequest(query_id=query_id)) for m in sorted(audit.commitments)]
 
+    def label(self, query_id: bytes) -> int | None:
+        audit = self.audits.get(query_id)
+        return None if audit is None else audit.label
+
+    def committed(self, query_id: bytes) -> list[str]:
+        """The members whose Share of this audit carried a commitment."""
+        audit = self.audits.get(query_id)
+        return [] if audit is None else sorted(audit.commitments)
+
+    def opened_vectors(self, query_id: bytes) -> dict[str, npt.NDArray[np.float64]]:
+        """The verified opened vectors of one audit, per member."""
+        audit = self.audits.get(query_id)
+        return {} if audit is None else dict(audit.opened)
+
+    def answered(self, query_id: bytes) -> set[str]:
+        """Members that replied to this audit's OpenRequest (opened, refused or bad)."""
+        audit = self.audits.get(query_id)
+        if audit is None:
+            return set()
+        return set(audit.opened) | set(audit.refused) | set(audit.bad)
+
+    def refused(self, query_id: bytes) -> dict[str, str]:
+        """Members that refused to open this audit, and why."""
+        audit = self.audits.get(query_id)
+        return {} if audit is None else dict(audit.refused)
+
+    def retry(self, query_id: bytes, members: list[str]) -> list[tuple[str, OpenRequest]]:
+        """Forget these members' refusals of one audit and ask them again (e.g. a
+        member that refused with ``not_over``: our request overtook the Result)."""
+        audit = self.audits.get(query_id)
+        if audit is None:
+            return []
+        for m in members:
+            if audit.refused.pop(m, None) is not None:
+                self.refusals[m] -= 1  # asked again: the earlier refusal does not count
+        return [(m, OpenRequest(query_id=query_id)) for m in members if m in audit.commitments]
+
     def on_opening(self, member: str, opening: Opening) -> bool:
         """Verify and record one opening; True when it opened the commitment."""
+        ok = self._on_opening(member, opening)
+        if self.listener is not None and opening.query_id in self.audits:
+            self.listener(opening.query_id, member, ok)
+        return ok
+
+    def _on_opening(self, member: str, opening: Opening) -> bool:
         audit = self.audits.get(opening.query_id)
         if audit is None or member not in audit.commitments or member in audit.opened:
             return False
@@ -268,6 +315,7 @@ class AuditBook:
         )
         if not ok:
             self.bad[member] += 1
+            audit.bad[member] = None
             return False
         vector = fixedpoint.decode(fixedpoint.from_bytes(opening.vector))
         audit.opened[member] = vector
@@ -290,17 +338,36 @@ class AuditBook:
         out[[self.bad[m] > 0 for m in members]] = 0.0
         return out
 
-    def scores(self, members: list[str], *, shrinkage: float = 10.0) -> npt.NDArray[np.float64]:
+    def scores(
+        self,
+        members: list[str],
+        *,
+        shrinkage: float = 10.0,
+        shapley: npt.ArrayLike | None = None,
+    ) -> npt.NDArray[np.float64]:
         """Merit scores of ``members`` (0 for a member never opened); a member
-        caught opening badly scores 0."""
+        caught opening badly scores 0. ``shapley`` (per member, e.g. its mean
+        Shapley value over its audits) lets a member whose own hits do not beat
+        chance still score when it helps the collective (see merit.py)."""
         hits = np.array([self.hits[m] for m in members], dtype=np.float64)
         audits = np.array([self.opened[m] for m in members], dtype=np.float64)
         out = np.zeros(len(members))
         seen = audits > 0
         if not seen.any():
             return out
+        gate = None if shapley is None else np.asarray(shapley, dtype=np.float64)[seen]
+        # The gate of benchmarks/fairness.py (its chosen hyperparameters): with a
+        # Shapley value, a member passes on hits beating chance at 0.999, or a
+        # positive Shapley value, or hits beating chance at 0.95 without clearly
+        # hurting the collective (Shapley >= -0.02).
         out[seen] = accuracy_merit(
-            hits[seen], audits[seen], n_classes=self.n_classes, shrinkage=shrinkage
+            hits[seen],
+            audits[seen],
+            n_classes=self.n_classes,
+            shrinkage=shrinkage,
+            shapley=gate,
+            strict_level=None if gate is None else 0.999,
+            harm=0.02,
         )
         out[[self.bad[m] > 0 for m in members]] = 0.0
         return out

@@ -40,7 +40,7 @@ async def _credit(chain: Harness, payee: str, query: int) -> None:
     await chain.querier.settle_batch([Settlement(terms, terms.full_mask)])
 
 
-@pytest.mark.parametrize("reentry", ["withdraw", "settleBatch", "claim"])
+@pytest.mark.parametrize("reentry", ["withdraw", "settleBatch", "settleWeighted", "claim"])
 async def test_reentrant_withdraw_is_paid_once(chain: Harness, reentry: str) -> None:
     receiver = await _receiver(chain, chain.deployment.escrow)
     await _credit(chain, receiver.address, 1)
@@ -52,6 +52,11 @@ async def test_reentrant_withdraw_is_paid_once(chain: Harness, reentry: str) -> 
         data = chain.escrow.encode_abi("withdraw", args=[])
     elif reentry == "settleBatch":
         data = chain.escrow.encode_abi("settleBatch", args=[[receiver.address], []])
+    elif reentry == "settleWeighted":
+        terms = await chain.terms(qid(3), committee=[receiver.address])
+        data = chain.escrow.encode_abi(
+            "settleWeighted", args=[terms.query_id, terms.as_abi(), 1, [PRICE]]
+        )
     else:
         terms = await chain.opened(qid(3), committee=[receiver.address])
         data = chain.escrow.encode_abi(
