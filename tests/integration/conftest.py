@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.support import load_local_network
+from fi_peer.chain.anvil import AnvilConfig, AnvilProcess
+from fi_peer.chain.client import Deployment
+from tests.chain.conftest import require_anvil
+from tests.integration.support import deploy_on, load_local_network
 
 PEERS = 5
 ALPHA = 0.5
@@ -33,3 +37,19 @@ def samples(owner_models: list[Path], local_network: Any) -> dict[str, Any]:
     """Test-split digits with their labels: {"inputs": [[64 floats]...], "labels": [...]}."""
     doc: dict[str, Any] = local_network.sample_inputs(owner_models[0].parent)
     return doc
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[AnvilProcess]:
+    """A fresh anvil (10 funded accounts) for each module of paid-query tests."""
+    require_anvil()
+    process = AnvilProcess(AnvilConfig(accounts=10))
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(anvil: AnvilProcess) -> Deployment:
+    """The contracts on that module's anvil, with a 30 s claim grace."""
+    return deploy_on(anvil, claim_grace_s=30)

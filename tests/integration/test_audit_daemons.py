@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 from web3 import HTTPProvider, Web3
 
-from fi_peer.chain.anvil import AnvilConfig, AnvilProcess, dev_accounts
+from fi_peer.chain.anvil import AnvilProcess, dev_accounts
 from fi_peer.chain.artifacts import load_artifact
 from fi_peer.chain.client import ESCROW, REGISTRY, Deployment
 from fi_peer.chain.terms import MIN_SHARE_BPS
 from fi_peer.incentives.rewards import settlement_amounts
-from tests.chain.conftest import require_anvil
-from tests.integration.support import deploy_on, paid_network, wait_until
+from tests.integration.support import paid_network, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,19 +39,6 @@ PRICE = 10**15
 RULE = "evidence"  # the daemons' configured rule (audits are decided with it)
 TIMEOUT_S = 8.0
 
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[AnvilProcess]:
-    require_anvil()
-    process = AnvilProcess(AnvilConfig(accounts=10))
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def deployment(anvil: AnvilProcess) -> Deployment:
-    return deploy_on(anvil, claim_grace_s=30)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from fi_peer.chain.anvil import AnvilConfig, AnvilProcess, dev_accounts
+from fi_peer.chain.anvil import AnvilProcess, dev_accounts
 from fi_peer.chain.client import ChainClient, Deployment
-from tests.chain.conftest import require_anvil
-from tests.integration.support import deploy_on, paid_network, wait_until
+from tests.integration.support import paid_network, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,19 +29,6 @@ PRICE = 10**15
 QUERY_TIMEOUT_S = 8.0
 INPUTS_PER_QUERIER = 3
 
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[AnvilProcess]:
-    require_anvil()
-    process = AnvilProcess(AnvilConfig(accounts=10))
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def deployment(anvil: AnvilProcess) -> Deployment:
-    return deploy_on(anvil, claim_grace_s=30)
 
 
 @pytest.fixture(scope="module")
