@@ -160,8 +160,22 @@ def test_netns_link_down_and_up_membership_recovers(
         assert all(_log_count(configs[i], "joined", ids[2]) == 2 for i in (0, 1))
         query = tmp_path / "digit.json"
         query.write_text(json.dumps({"input": digit}))
-        result = cli_in(namespaces[0], "query", str(query), "--config", str(configs[0]), "--json")
-        assert result.returncode == 0, result.stdout + result.stderr
-        answer = json.loads(result.stdout)["results"][0]
-        assert answer["ok"], answer
+        # Membership (announcements) can heal a gossip heartbeat before the
+        # query topic's mesh re-grafts peer 2: a query sent in between gets one
+        # offer and fails `too_few_offers_1`. Recovery is eventual, so ask again
+        # (a fresh query each time) for a bounded time; any other failure fails.
+        failures: list[str] = []
+        deadline = time.monotonic() + 30
+        while True:
+            result = cli_in(
+                namespaces[0], "query", str(query), "--config", str(configs[0]), "--json"
+            )
+            answer = json.loads(result.stdout)["results"][0] if result.stdout.strip() else {}
+            if result.returncode == 0 and answer.get("ok"):
+                break
+            reason = str(answer.get("reason", ""))
+            assert reason.startswith("too_few_offers"), result.stdout + result.stderr
+            failures.append(reason)
+            assert time.monotonic() < deadline, f"no answer after the heal: {failures}"
         assert set(answer["contributors"]) == {ids[1], ids[2]}
+        assert len(failures) <= 5, failures
