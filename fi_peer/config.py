@@ -46,6 +46,9 @@ them. Example::
     k = 4
     timeout_s = 10.0
     offer_window_ms = 1000
+    committee_choice = "reputation"  # or "first": the first k offers (arrival order)
+    choice_grace_ms = 100      # reputation: after the k-th offer, the most waited for
+                               # more to choose from (within the offer window)
     keys_window_ms = 4000      # secure aggregation: longest wait for every member's key
                                # shares (at most half of the time budget left)
     keys_grace_ms = 200        # ... once a threshold of them are in, the most waited for
@@ -111,6 +114,8 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 MAX_K = 64
 # Reward rules a querier may pay by (fi_peer.incentives.rewards.REWARD_RULES).
 REWARD_RULES = ("equal", "merit", "agreement", "entropy")
+# How a querier chooses its committee (fi_peer.protocol.reputation.COMMITTEE_CHOICES).
+COMMITTEE_CHOICES = ("reputation", "first")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,6 +249,8 @@ class PeerConfig:
     k: int = 4
     query_timeout_s: float = 10.0
     offer_window_ms: int = 1000
+    committee_choice: str = "reputation"
+    choice_grace_ms: int = 100
     keys_window_ms: int = 4000
     keys_grace_ms: int = 200
     min_committee: int = 2
@@ -319,6 +326,13 @@ class PeerConfig:
         _in_range("query.min_committee", self.min_committee, 1, MAX_K)
         _in_range("query.timeout_s", self.query_timeout_s, 0.1, 110)
         _in_range("query.offer_window_ms", self.offer_window_ms, 10, 60_000)
+        _require(
+            self.committee_choice in COMMITTEE_CHOICES,
+            f"query.committee_choice must be one of {', '.join(COMMITTEE_CHOICES)}, "
+            f"got {self.committee_choice!r}",
+            'committee_choice = "reputation" in [query] (or "first": the first k offers)',
+        )
+        _in_range("query.choice_grace_ms", self.choice_grace_ms, 0, 60_000)
         _in_range("query.keys_window_ms", self.keys_window_ms, 10, 60_000)
         _in_range("query.keys_grace_ms", self.keys_grace_ms, 0, 60_000)
         _require(
@@ -403,6 +417,8 @@ class PeerConfig:
             "k": self.k,
             "timeout_s": self.query_timeout_s,
             "offer_window_ms": self.offer_window_ms,
+            "committee_choice": self.committee_choice,
+            "choice_grace_ms": self.choice_grace_ms,
             "keys_window_ms": self.keys_window_ms,
             "keys_grace_ms": self.keys_grace_ms,
             "min_committee": self.min_committee,
@@ -459,6 +475,8 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "k",
             "timeout_s",
             "offer_window_ms",
+            "committee_choice",
+            "choice_grace_ms",
             "keys_window_ms",
             "keys_grace_ms",
             "min_committee",
@@ -629,6 +647,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> PeerConfig:
         k=_get(query, "k", int, 4, "query"),
         query_timeout_s=_get(query, "timeout_s", float, 10.0, "query"),
         offer_window_ms=_get(query, "offer_window_ms", int, 1000, "query"),
+        committee_choice=_get(query, "committee_choice", str, "reputation", "query"),
+        choice_grace_ms=_get(query, "choice_grace_ms", int, 100, "query"),
         keys_window_ms=_get(query, "keys_window_ms", int, 4000, "query"),
         keys_grace_ms=_get(query, "keys_grace_ms", int, 200, "query"),
         min_committee=_get(query, "min_committee", int, 2, "query"),

@@ -278,10 +278,8 @@ class PeerCore(HECoreMixin):
         """Drop finished querier sessions once their QueryDone is emitted."""
         for effect in effects:
             if isinstance(effect, QueryDone):
-                session = self.queries.pop(effect.outcome.query_id, None)
-                if self.committee_selector is not None and session is not None:
-                    committee = [m.peer_id for m in session.committee]
-                    self.committee_selector.observe(committee, effect.outcome.contributors)
+                # (the session told its committee_selector how each member did)
+                self.queries.pop(effect.outcome.query_id, None)
                 self._recent[effect.outcome.query_id] = None
                 if len(self._recent) > MAX_RECENT_QUERIES:
                     self._recent.popitem(last=False)

@@ -16,12 +16,18 @@ Theory of operation::
     UNMASK --t reveals, all if any dropped (sum rebuilt; own vector in or deadline)-> DONE
     UNMASK --deadline with < t reveals / refusals / bad reveal---> FAILED
 
-The querier gossips a QueryRequest (no input) and takes the first ``k`` Offers
-at or below its price cap; if the offer window (at most half the time budget)
-closes first, it takes those it has, provided there are ``min_committee``. Late
-offers are told ``not_selected`` so the peer frees the capacity it reserved.
-Choosing by reputation comes with the incentives work; today the price cap is
-the filter and arrival order (the fastest peers) the choice. Each member gets
+The querier gossips a QueryRequest (no input) and collects Offers at or below
+its price cap. With ``committee_choice = "first"`` (no selector) it takes the
+first ``k`` (arrival order); with ``"reputation"`` (a ReputationSelector,
+reputation.py) it waits after the ``k``-th offer for at most ``choice_grace_ms``
+more (never past the offer window; at once when ``pool_size(k)`` are in) and
+chooses ``k`` by price, observed latency and audit contribution, with
+exploration. If the offer window (at most half the time budget) closes first,
+it takes those it has, provided there are ``min_committee``. Offers not chosen
+and late offers are told ``not_selected`` so the peer frees the capacity it
+reserved. The session tells its selector what it saw: each offer's delay, each
+member's answer latency, and at the end who delivered, declined or dropped.
+Each member gets
 an Accept with the committee (long-term keys and per-query mask nonces), the
 threshold ``t`` (a strict majority), the noise scale and the input sealed to
 it alone. Each Share is acknowledged with a Receipt.
@@ -276,6 +282,9 @@ class QuerierConfig:
     # sum is not rebuilt by then. With a dropped member every survivor is asked.
     unmask_spares: int = 1
     unmask_grace_ms: int = 200
+    # Committee choice by reputation (with a selector): after the k-th offer, wait
+    # at most this long for more to choose from (0: choose among the first k).
+    choice_grace_ms: int = 100
 
     def threshold(self, committee_size: int) -> int:
         """Shares needed for a result: a strict majority of the committee."""
@@ -324,6 +333,8 @@ class QuerySession:
         self.escrow_open = False
         self.prices: dict[str, int] = {}
         self.keys_round = (0, 0)  # (Accepts sent, keys timer at most), ms: _send_accepts
+        self.offers_end = now_ms  # the offer window's end (start)
+        self.accepts_at: int | None = None  # when the Accepts left (answer latency)
 
     @property
     def paid_mode(self) -> bool:
@@ -375,6 +386,7 @@ class QuerySession:
         # Leave at least half of the time budget for answering.
         half_budget = (self.request.deadline_ms - self.started_ms) // 2
         window = min(self.config.offer_window_ms, half_budget)
+        self.offers_end = self.started_ms + window
         effects: list[Effect] = [
             SetTimer(self.offers_timer, self.started_ms + window),
             SetTimer(self.deadline_timer, self.request.deadline_ms),
@@ -403,19 +415,29 @@ class QuerySession:
             raise UnexpectedMessage("offer with a key X25519 cannot use")
         if self.paid_mode:
             check_offer_address(offer.eth_address, (o.eth_address for o in self.offers.values()))
+        if self.selector is not None:
+            self.selector.observe_offer(sender, now_ms - self.started_ms)
         if self.state is not QState.OFFERS:  # committee already chosen
             late = Result(query_id=self.query_id, ok=False, reason="not_selected")
             return [self._send(sender, late, now_ms)]
         self.offers[sender] = offer
         k = self.request.k
-        wanted = k if self.selector is None else self.selector.pool_size(k)
-        if len(self.offers) >= wanted:
+        if self.selector is None:
+            return self._accept(now_ms) if len(self.offers) >= k else []
+        grace = self.config.choice_grace_ms
+        if len(self.offers) >= self.selector.pool_size(k) or (len(self.offers) >= k and grace <= 0):
             return self._accept(now_ms)
+        if len(self.offers) == k and now_ms + grace < self.offers_end:
+            # the choice window: the offers timer moves up to the grace's end
+            return [SetTimer(self.offers_timer, now_ms + grace)]
         return []
 
     def on_offers_timer(self, now_ms: int) -> list[Effect]:
         if self.state is not QState.OFFERS:
             return []
+        if len(self.offers) < self.request.k and now_ms < self.offers_end:
+            # the choice window closed after an offer was withdrawn: back to the window
+            return [SetTimer(self.offers_timer, self.offers_end)]
         if len(self.offers) < self.config.min_committee:
             self._goto(QEvent.TOO_FEW_OFFERS)
             return self._fail(f"too_few_offers_{len(self.offers)}", now_ms)
@@ -425,7 +447,9 @@ class QuerySession:
         chosen = list(self.offers.items())  # never more than k without a selector: see on_offer
         passed: list[Effect] = []
         if self.selector is not None:
-            picked = self.selector.choose(self.offers, self.request.k)
+            picked = self.selector.choose(
+                self.offers, self.request.k, max_price=self.request.max_price_wei
+            )
             chosen = [(p, self.offers[p]) for p in picked]
             not_selected = Result(query_id=self.query_id, ok=False, reason="not_selected")
             passed = [self._send(p, not_selected, now_ms) for p in self.offers if p not in picked]
@@ -466,6 +490,7 @@ class QuerySession:
 
     def _send_accepts(self, now_ms: int) -> list[Effect]:
         chosen = [(m.peer_id, self.offers[m.peer_id]) for m in self.committee]
+        self.accepts_at = now_ms
         escrow = self.escrow
         effects: list[Effect] = []
         if self.secagg:
@@ -590,6 +615,8 @@ class QuerySession:
             # no honest member can encode such a value (fixedpoint.encode refuses it)
             raise UnexpectedMessage("plaintext share out of the fixed-point range")
         self.shares[sender] = words
+        if self.selector is not None and self.accepts_at is not None:
+            self.selector.observe_answer(sender, now_ms - self.accepts_at)
         price = self.prices[sender]
         signature = b""
         if self.escrow is not None:
@@ -794,7 +821,29 @@ class QuerySession:
         delivered = tuple(self.committee[self.index[p]].eth_address for p in sorted(self.shares))
         return self.escrow, delivered
 
+    def _observe_end(self, now_ms: int) -> None:
+        """Tell the selector how each member did: delivered (a share; key shares if
+        the query ended in the key round), declined (a Decline or a refused reveal),
+        or dropped (silent: it also gets the time it was waited for as its answer
+        latency). Nothing when no Accept left (too few offers, escrow failed)."""
+        if self.selector is None or self.accepts_at is None:
+            return
+        answered = set(self.shares)
+        if self.aggregator is not None and self.aggregator.u1 is None:
+            answered |= self._keyed()  # ended in the key round: keys were all asked for
+        members = [m.peer_id for m in self.committee]
+        declined = [p for p in members if p in self.declined or p in self.refused]
+        dropped = [p for p in members if p not in answered and p not in declined]
+        for peer in dropped:
+            self.selector.observe_answer(peer, now_ms - self.accepts_at)
+        self.selector.observe_outcome(
+            delivered=[p for p in members if p in answered and p not in declined],
+            declined=declined,
+            dropped=dropped,
+        )
+
     def _succeed(self, now_ms: int) -> list[Effect]:
+        self._observe_end(now_ms)
         total = np.zeros(self.request.vector_len, dtype=np.uint64)
         if self.aggregator is not None:
             assert self.masked_total is not None and self.aggregator.survivors is not None
@@ -821,6 +870,7 @@ class QuerySession:
         return [*self._notify(result, now_ms), done]
 
     def _fail(self, reason: str, now_ms: int) -> list[Effect]:
+        self._observe_end(now_ms)
         done = query_done(
             self.query_id,
             reason,
