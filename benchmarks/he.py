@@ -707,6 +707,139 @@ def bench_end_to_end(ks: list[int], later: int, folder: Path) -> dict[str, Any]:
     return out
 
 
+def _batched_wire_bytes(
+    k: int, model: he.HEModel, secret: he.SecretContext, xs: np.ndarray
+) -> dict[str, Any]:
+    """Bytes on the wire of one batched query with k members (after the key exchange):
+    the request's HEBlobChunks to each member, every member's chunked partial sum
+    (k of them: k - 1 up the tree, the root's to the querier), the acks; sealed."""
+    from fi_peer.identity import Identity
+    from fi_peer.protocol.envelope import seal
+    from fi_peer.protocol.he_messages import HEBlobAck
+    from fi_peer.protocol.he_query import blob_chunks, pack_blobs
+
+    ident = Identity.from_seed(b"bench")
+    qid = b"q" * 16
+    member = he.load_public_context(secret.public_bytes(galois_keys=False))
+    query = he.encrypt_inputs(secret, xs, layout=he.Layout.BATCHED)
+    out = he.evaluate(member, model, query, noise_std=1.0, rng=np.random.default_rng(0))
+
+    def sealed(blobs: tuple[bytes, ...]) -> tuple[int, int]:
+        chunks = blob_chunks(qid, ident.peer_id, pack_blobs(blobs))
+        data = sum(len(seal(ident, c, 0)) for c in chunks)
+        ack = HEBlobAck(query_id=qid, querier=ident.peer_id, digest=chunks[0].digest, index=0)
+        return data, len(chunks) * len(seal(ident, ack, 0))
+
+    req, req_acks = sealed(query.blobs)
+    resp, resp_acks = sealed(out.blobs)
+    total = k * (req + req_acks + resp + resp_acks)
+    return {
+        "inputs": len(xs),
+        "request_sealed_bytes_per_member": req,
+        "partial_sealed_bytes_per_member": resp,
+        "acks_bytes_per_member": req_acks + resp_acks,
+        "total_bytes_per_query": total,
+        "bytes_per_input": round(total / len(xs)),
+        "note": "plus a few KB of offers, accepts, readies, route, receipts",
+    }
+
+
+def bench_batched_wire(ks: list[int], n_inputs: int, later: int, folder: Path) -> dict[str, Any]:
+    """Batched input-private queries end to end: one ``fi-peer run`` process per peer
+    over libp2p, the querier's ``n_inputs`` inputs in ONE query (support rule, no DP),
+    request and answers chunked with flow control. First query with the key exchange."""
+    from fi_peer.control import ControlClient
+    from fi_peer.he_runtime import HE_RULE, he_model_path, load_he_model
+    from fi_peer.localnet import LocalNetwork, ensure_models, sample_inputs
+    from fi_peer.models.aggregation import decide
+    from fi_peer.models.he_models import ensure_he_models
+
+    n = max(ks) + 1
+    models = ensure_models(folder / "models", n, 0.5, 1, 10)
+    ensure_he_models(models, 0.5, 1, epochs=20)
+    he_models = [load_he_model(he_model_path(p)) for p in models]
+    samples = sample_inputs(models[0].parent)
+    pool = np.asarray(samples["inputs"], dtype=np.float64)
+    xs = pool[np.arange(n_inputs) % len(pool)]
+    secret = he.create_secret_context(galois_keys=True)
+    out: dict[str, Any] = {
+        "transport": "libp2p",
+        "processes": "one fi-peer run per peer",
+        "inputs_per_query": n_inputs,
+        "rule": "support (no DP: the DP-bounded kernel evidence is single-layout only)",
+    }
+    for k in ks:
+        net = LocalNetwork(
+            folder / f"bw-k{k}", transport="libp2p", announce_interval_ms=2000,
+            offer_window_ms=10_000,
+        )  # fmt: skip
+        row: dict[str, Any] = {}
+        try:
+            net.prepare(models[: k + 1])
+            net.start_all()
+            net.wait_ready(timeout=300)
+            net.wait_connected(timeout=120)
+            net.wait_converged(timeout=120)
+            client = ControlClient.from_state_dir(net.peers[0].state_dir / "control.json")
+            by_id = {p.peer_id: i for i, p in enumerate(net.peers)}
+            walls: list[float] = []
+            reasons: list[str] = []
+            agree = checked = 0
+            body = {
+                "input": xs.tolist(), "input_private": True, "rule": HE_RULE, "k": k,
+                "timeout_s": 110,
+            }  # fmt: skip
+            for q in range(1 + later):
+                started = time.perf_counter()
+                answer = client.post("/v1/query", body, timeout=130)
+                wall = time.perf_counter() - started
+                results = answer["results"]
+                first = results[0]
+                if not first["ok"]:
+                    reasons.append(str(first["reason"]))
+                    continue
+                members = [by_id[p] for p in first["contributors"]]
+                totals = sum(he_models[i].forward(xs) for i in members)
+                labels = [decide(t, HE_RULE)[0] for t in totals]
+                agree += sum(int(r["label"] == lab) for r, lab in zip(results, labels, strict=True))
+                checked += len(results)
+                key = "first_query" if q == 0 else f"later_{q}"
+                row[key] = {
+                    "wall_s": round(wall, 3),
+                    "inputs_per_s": round(n_inputs / wall, 1),
+                    "contributors": len(members),
+                    "queries_in_flight": len({r["query_id"] for r in results}),
+                }
+                if q > 0:
+                    walls.append(wall)
+            if walls:
+                med = statistics.median(walls)
+                row["later_median_s"] = round(med, 3)
+                row["later_inputs_per_s"] = round(n_inputs / med, 1)
+            # Same run, same daemons: 4 inputs (< 5: no batch) as parallel single queries.
+            single = {**body, "input": xs[:4].tolist()}
+            started = time.perf_counter()
+            answer = client.post("/v1/query", single, timeout=130)
+            wall = time.perf_counter() - started
+            ok = sum(int(r["ok"]) for r in answer["results"])
+            row["single_queries_same_run"] = {
+                "inputs": 4,
+                "answered": ok,
+                "wall_s": round(wall, 3),
+                "inputs_per_s": round(4 / wall, 2),
+            }
+            if walls and ok == 4:
+                row["batched_vs_single_inputs_per_s"] = round((n_inputs / med) / (4 / wall), 1)
+            row["failures"] = reasons
+            row["labels_equal_plaintext_sum"] = f"{agree}/{checked}"
+        finally:
+            net.stop_all()
+        row["bytes_per_query"] = _batched_wire_bytes(k, he_models[1], secret, xs)
+        row["load_average_after"] = os.getloadavg()
+        out[f"k{k}"] = row
+    return out
+
+
 SECTIONS = ("keys", "single", "batched", "mask_bound", "accuracy", "kernel_evidence", "end_to_end")
 """``he_vs_plain`` alone re-measures only the HE check of the accuracy section."""
 
@@ -722,6 +855,10 @@ def main() -> None:
     )
     parser.add_argument("--later", type=int, default=5, help="queries after the first (e2e)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fi-peer-he-bench"))
+    parser.add_argument(
+        "--batch-inputs", type=int, default=1024, help="inputs per batched query (batched_wire)"
+    )
+    parser.add_argument("--ks", default="", help="members per query, e.g. 4,8 (e2e sections)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     repeat = 1 if args.quick else 3
@@ -803,9 +940,11 @@ def main() -> None:
             secret, member, model, seeds, repeat, 1 if args.quick else 5
         )
         save()
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else ([4] if args.quick else [4, 8])
     if "end_to_end" in sections:
-        ks = [4] if args.quick else [4, 8]
         results["end_to_end"] = bench_end_to_end(ks, 2 if args.quick else args.later, args.work)
+    if "batched_wire" in sections:  # not in SECTIONS' default: ask for it
+        results["batched_wire"] = bench_batched_wire(ks, args.batch_inputs, 2, args.work)
     save()
     print(json.dumps(results, indent=2))
 

@@ -510,6 +510,10 @@ class Agent:
     ) -> tuple[bytes, list[Effect]]:
         if self.he is None or self.model is None:
             raise LocalProtocolError("this peer has no HE runtime: it cannot encrypt inputs")
+        rows = np.asarray(x)
+        if rows.ndim == 2 and len(rows) > 1:  # many inputs: one batched tensor, chunked
+            blobs, context = await asyncio.to_thread(self.he.encrypt_batch, rows)
+            return self.core.submit_he_query(blobs, context, n_batched=len(rows), **terms())
         # the rule picks the encoding: x (network) or u(x) u(x)^T (kernel evidence)
         blobs, context = await asyncio.to_thread(self.he.encrypt, x, terms()["rule"])
         return self.core.submit_he_query(blobs, context, **terms())

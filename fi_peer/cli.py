@@ -992,7 +992,8 @@ def query(
             "--input-private",
             help="Encrypt the input under your own CKKS key: members compute on the "
             "ciphertext, you decrypt only their sum (HE mode; rule evidence, the "
-            "polynomial-kernel evidence with DP as configured, or --rule support: no DP).",
+            "polynomial-kernel evidence with DP as configured, or --rule support: no DP; "
+            "with --rule support, 5 or more rows go as ONE batched query, up to 4,096).",
         ),
     ] = False,
     audit_label: Annotated[
@@ -1234,6 +1235,9 @@ def status_tables(doc: dict[str, Any]) -> list[Table]:
     audits = _audits_table(doc.get("audits", {}))
     if audits is not None:
         tables.append(audits)
+    reputation = _reputation_table(doc.get("reputation", {}))
+    if reputation is not None:
+        tables.append(reputation)
 
     c = doc.get("chain", {})
     money = Table(title="earnings and settlements", title_justify="left", show_header=False)
@@ -1297,6 +1301,34 @@ def _audits_table(a: dict[str, Any]) -> Table | None:
             _score(row.get("merit")),
             _score(row.get("loo")),
             _score(row.get("shapley")),
+        )
+    return table
+
+
+def _reputation_table(r: dict[str, Any]) -> Table | None:
+    """What this querier's committee choice knows of each peer (committee_choice)."""
+    rows = r.get("peers") or []
+    if not rows:
+        return None
+    table = Table(
+        title=f"committee choice: {r.get('committee_choice')} "
+        f"(grace {r.get('choice_grace_ms')} ms, most chosen first)",
+        caption="delivery: smoothed share of answers delivered when chosen (a decline counts "
+        "half); contribution: audit accuracy",
+        title_justify="left",
+        caption_justify="left",
+    )
+    columns = ("peer", "chosen", "delivered", "declined", "dropped", "offer ms", "answer ms")
+    for column in (*columns, "delivery", "contribution"):
+        table.add_column(column, justify="left" if column == "peer" else "right")
+    for row in rows[:20]:
+        ms = [row.get("offer_delay_ms"), row.get("answer_ms")]
+        table.add_row(
+            str(row.get("peer_id", ""))[:12],
+            *(str(row.get(k, 0)) for k in ("chosen", "delivered", "declined", "dropped")),
+            *(f"{v:.0f}" if isinstance(v, int | float) else "-" for v in ms),
+            _score(row.get("delivery")),
+            _score(row.get("contribution")),
         )
     return table
 

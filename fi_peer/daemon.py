@@ -41,6 +41,7 @@ import dataclasses
 import faulthandler
 import fcntl
 import gc
+import json
 import logging
 import math
 import os
@@ -78,10 +79,17 @@ from fi_peer.models.aggregation import decide, get_rule
 from fi_peer.models.runtime import ModelRuntime
 from fi_peer.privacy.budget import BudgetLedger, BudgetLimits
 from fi_peer.protocol.audit import AuditBook
+from fi_peer.protocol.he_messages import (
+    HE_BATCH_MIN,
+    HE_BATCH_RULES,
+    HE_MAX_BATCH,
+    he_card_tags,
+)
 from fi_peer.protocol.he_query import HEConfig
 from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
+from fi_peer.protocol.reputation import ReputationSelector
 from fi_peer.protocol.responder import ResponderConfig
 from fi_peer.settlement import EthPayments, RewardPolicy, Settler
 from network.base import PeerUnreachable, Transport, TransportError
@@ -284,7 +292,9 @@ def announced_addresses(announce: Sequence[str], listening: Sequence[str]) -> li
     return list(dict.fromkeys([*extra, *listening]))
 
 
-def parse_input(value: object, input_dim: int) -> npt.NDArray[np.float32]:
+def parse_input(
+    value: object, input_dim: int, max_rows: int = MAX_QUERY_ROWS
+) -> npt.NDArray[np.float32]:
     """JSON input -> (n, input_dim) float32 rows; RequestError(400) on anything else."""
     try:
         arr = np.asarray(value, dtype=np.float32)
@@ -300,8 +310,8 @@ def parse_input(value: object, input_dim: int) -> npt.NDArray[np.float32]:
         raise RequestError(
             400, f"input must have {input_dim} values per row, got shape {list(arr.shape)}"
         )
-    if not 1 <= arr.shape[0] <= MAX_QUERY_ROWS:
-        raise RequestError(400, f"1..{MAX_QUERY_ROWS} inputs per request, got {arr.shape[0]}")
+    if not 1 <= arr.shape[0] <= max_rows:
+        raise RequestError(400, f"1..{max_rows} inputs per request, got {arr.shape[0]}")
     if not np.all(np.isfinite(arr)):
         raise RequestError(400, "input contains NaN or infinity")
     return arr
@@ -371,6 +381,7 @@ class Daemon:
             missed_beats=config.missed_beats,
             querier=QuerierConfig(
                 offer_window_ms=config.offer_window_ms,
+                choice_grace_ms=config.choice_grace_ms,
                 keys_window_ms=config.keys_window_ms,
                 keys_grace_ms=config.keys_grace_ms,
                 min_committee=config.min_committee,
@@ -392,12 +403,17 @@ class Daemon:
         )
         # Input-private (HE) mode: served with an HE-ready model (<model>.he.npz), asked always.
         self.he = he if he is not None else HERuntime(None)
-        card = dataclasses.replace(protocol_card(model), he=self.he.serves)
+        card = protocol_card(model)
+        # The HE rules served ride in the card's rules as "he:<rule>" (wire unchanged).
+        he_tags = he_card_tags(self.he.rules) if self.he.serves else ()
+        card = dataclasses.replace(card, he=self.he.serves, rules=card.rules + he_tags)
         self.core = PeerCore(
             identity, card, config=core_config, guard=self.guard, payments=payments
         )
         self.agent = Agent(self.core, transport, model, clock=clock, chain=settler, he=self.he)
         self.rewards = self._audits(config, model)
+        if config.committee_choice == "reputation":
+            self.core.committee_selector = self._selector()
         if settler is not None:
             settler.rewards = self.rewards
         self._audit_waiters: dict[bytes, asyncio.Event] = {}
@@ -470,6 +486,41 @@ class Daemon:
             raise ConfigError(str(exc)) from exc
         policy.directory = self._eth_directory
         return policy
+
+    @property
+    def _reputation_file(self) -> Path:
+        return self.config.state_dir / "reputation.json"
+
+    def _selector(self) -> ReputationSelector:
+        """The committee choice by reputation (tie-breaks from OS entropy): what was
+        learnt before the last stop (reputation.json, a cache: unreadable means start
+        afresh), and the audit accuracies kept in scores.json (the core updates them
+        on every opening)."""
+        selector = ReputationSelector(np.random.default_rng())
+        try:
+            selector.load_json(json.loads(self._reputation_file.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self._reputation_file, exc)
+        book = self.core.audit_book
+        if book is not None:
+            audited = sorted(p for p, n in book.opened.items() if n > 0)
+            if audited:
+                selector.set_contributions(dict(zip(audited, book.accuracy(audited), strict=True)))
+        return selector
+
+    def _reputation_status(self) -> Json:
+        """How this querier chooses committees, and what it knows of each peer."""
+        selector = self.core.committee_selector
+        doc: Json = {
+            "committee_choice": self.config.committee_choice,
+            "choice_grace_ms": self.config.choice_grace_ms,
+        }
+        if selector is not None:
+            doc["seats"] = selector.seats
+            doc["peers"] = selector.table()
+        return doc
 
     def _eth_directory(self) -> dict[str, str]:
         """peer id -> Ethereum account, from the signed announcements heard."""
@@ -656,11 +707,25 @@ class Daemon:
             await _bounded("the embedded broker", self._broker.aclose(), 3.0)
         if self.ledger is not None:
             self.ledger.close()
+        self._save_reputation()
         if self.settler is not None:
             # what the querier owes is settled now rather than left to claims
             await _bounded("the last settlement", self._last_settlement(), 10.0)
             await _bounded("the chain client", self.settler.client.aclose(), 3.0)
             self.settler.close()
+
+    def _save_reputation(self) -> None:
+        selector = self.core.committee_selector
+        if selector is None:
+            return
+        path = self._reputation_file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(selector.to_json()), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("saving %s failed: %s", path, exc)
 
     async def _last_settlement(self) -> None:
         assert self.settler is not None
@@ -775,6 +840,7 @@ class Daemon:
             "privacy": self._privacy_status(),
             "chain": await self._chain_status(),
             "audits": self._audit_status(),
+            "reputation": self._reputation_status(),
             "queries": dict(self._queries),
             "answered": int(metrics.get("accepted.receipt", 0)),
             "metrics": {k: int(v) for k, v in sorted(metrics.items())},
@@ -916,8 +982,12 @@ class Daemon:
     async def query(self, request: Json) -> Json:
         cfg = self.config
         card = self.model.card
-        rows = parse_input(request.get("input"), card.input_dim)
         input_private = request.get("input_private", False)  # HE mode (fi_peer.he_runtime)
+        # an input-private support query of many inputs is ONE batched query (<= 4,096)
+        batch_ok = input_private is True and request.get("rule") == HE_RULE
+        rows = parse_input(
+            request.get("input"), card.input_dim, HE_MAX_BATCH if batch_ok else MAX_QUERY_ROWS
+        )
         if not isinstance(input_private, bool):
             raise RequestError(400, "input_private must be true or false")
         # Input-private: the kernel evidence (bounded sensitivity: DP and budgets as in
@@ -952,20 +1022,24 @@ class Daemon:
         privacy["input_private"] = input_private
         labels = self._audit_labels(request, len(rows), rule, input_private)
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                self._one_query(
-                    row,
-                    rule=rule,
-                    k=k,
-                    timeout_s=timeout_s,
-                    max_price=max_price,
-                    audit_label=label,
-                    **privacy,
-                )
-                for row, label in zip(rows, labels, strict=True)
+        # Many inputs, network vector, no DP: one batched HE query (chunked on the wire).
+        # The DP-bounded kernel evidence is single-layout only: those go one by one.
+        batched = input_private and len(rows) >= HE_BATCH_MIN and rule in HE_BATCH_RULES
+        batched = batched and epsilon == 0 and all(label is None for label in labels)
+        if len(rows) > MAX_QUERY_ROWS and not batched:
+            raise RequestError(
+                400,
+                f"more than {MAX_QUERY_ROWS} inputs go only as one batched input-private "
+                "query (rule support, epsilon 0, no audit labels)",
             )
-        )
+        if batched:
+            results = await self._he_batch_query(
+                rows, rule=rule, k=k, timeout_s=timeout_s, max_price=max_price
+            )
+        else:
+            results = await self._gather_queries(
+                rows, labels, rule=rule, k=k, timeout_s=timeout_s, max_price=max_price, **privacy
+            )
         total_ms = (time.perf_counter() - started) * 1000
         return {
             "peer_id": self.peer_id,
@@ -979,6 +1053,46 @@ class Daemon:
             "results": results,
             "timings": {"total_ms": round(total_ms, 3)},
         }
+
+    async def _he_batch_query(
+        self, rows: npt.NDArray[np.float32], *, rule: str, k: int, timeout_s: float, max_price: int
+    ) -> list[Json]:
+        """One batched input-private query for all ``rows``: one result per row (they
+        share the query id, contributors and timings)."""
+        one = await self._one_query(
+            rows,
+            rule=rule,
+            k=k,
+            timeout_s=timeout_s,
+            max_price=max_price,
+            epsilon=0.0,
+            delta=0.0,
+            secagg=True,
+            input_private=True,
+            batch=len(rows),
+        )
+        totals = one.pop("_totals", None)
+        if totals is None:
+            return [dict(one) for _ in rows]
+        out = []
+        for total in totals:
+            label, distribution = decide(total, rule)
+            row = dict(one, label=label, distribution=[round(float(p), 6) for p in distribution])
+            out.append(row)
+        return out
+
+    async def _gather_queries(
+        self,
+        rows: npt.NDArray[np.float32],
+        labels: list[int | None],
+        **terms: Any,
+    ) -> list[Json]:
+        return await asyncio.gather(
+            *(
+                self._one_query(row, audit_label=label, **terms)
+                for row, label in zip(rows, labels, strict=True)
+            )
+        )
 
     def _audit_labels(
         self, request: Json, n_rows: int, rule: str, input_private: bool
@@ -1024,6 +1138,7 @@ class Daemon:
         secagg: bool,
         input_private: bool = False,
         audit_label: int | None = None,
+        batch: int = 0,
     ) -> Json:
         async with self._gate:
             started = time.perf_counter()
@@ -1065,7 +1180,11 @@ class Daemon:
             }
         if outcome.ok and audit_label is not None:
             result["audit"] = await self._open_audit(outcome.query_id)
-        if outcome.ok and outcome.total is not None:
+        if batch and outcome.ok and outcome.total is not None:
+            result["_totals"] = np.asarray(outcome.total).reshape(batch, -1)  # split by the caller
+            result["batched_inputs"] = batch
+            self._queries["ok"] += 1
+        elif outcome.ok and outcome.total is not None:
             label, distribution = decide(outcome.total, rule)
             result["label"] = label
             result["distribution"] = [round(float(p), 6) for p in distribution]

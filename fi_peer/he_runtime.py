@@ -182,10 +182,24 @@ class HERuntime:
             query = he.encrypt_inputs(secret, row, layout=he.Layout.SINGLE)
         return query.blobs, public
 
-    def decrypt(self, blobs: tuple[bytes, ...], vector_len: int) -> npt.NDArray[np.float64]:
+    def encrypt_batch(self, X: npt.ArrayLike) -> tuple[tuple[bytes, ...], bytes]:
+        """Many inputs (rows) in one batched-layout tensor (the network vector only:
+        the kernel evidence is single-layout) and the public context."""
+        secret, public = self.keys()
+        rows = np.asarray(X, dtype=np.float64)
+        query = he.encrypt_inputs(secret, rows, layout=he.Layout.BATCHED)
+        return query.blobs, public
+
+    def decrypt(
+        self, blobs: tuple[bytes, ...], vector_len: int, layout: str = "single", n_inputs: int = 0
+    ) -> npt.NDArray[np.float64]:
         secret, _ = self.keys()
+        batched = layout == he.Layout.BATCHED
         out = he.EncryptedOutput(
-            layout=he.Layout.SINGLE, n_inputs=len(blobs), output_dim=vector_len, blobs=blobs
+            layout=he.Layout.BATCHED if batched else he.Layout.SINGLE,
+            n_inputs=n_inputs if batched else len(blobs),
+            output_dim=vector_len,
+            blobs=blobs,
         )
         return he.decrypt_outputs(secret, out).ravel()
 
@@ -212,9 +226,10 @@ class HERuntime:
     def evaluate(self, effect: HEEvaluate) -> tuple[bytes, ...]:
         model = self.served(effect.rule)
         ctx = self._context(effect.querier, effect.digest)
+        batched = effect.layout == he.Layout.BATCHED
         query = he.EncryptedQuery(
-            layout=he.Layout.SINGLE,
-            n_inputs=len(effect.blobs),
+            layout=he.Layout.BATCHED if batched else he.Layout.SINGLE,
+            n_inputs=effect.n_inputs if batched else len(effect.blobs),
             input_dim=model.input_dim,
             blobs=effect.blobs,
         )
@@ -225,6 +240,17 @@ class HERuntime:
         if not self.serves:
             raise ModelError("this peer serves no HE-ready model")
         ctx = self._context(effect.querier, effect.digest)
+        if effect.layout == he.Layout.BATCHED:  # one [1, vector_len] tensor per part
+            batched = [
+                he.EncryptedOutput(
+                    layout=he.Layout.BATCHED,
+                    n_inputs=effect.n_inputs,
+                    output_dim=effect.output_dim,
+                    blobs=part,
+                )
+                for part in effect.parts
+            ]
+            return he.add_outputs(ctx, batched).blobs
         # Both served vectors are single-layout ciphertexts of 4,096 slots: the sum
         # does not depend on the width (checked by the querier at decryption).
         outputs = [
@@ -254,8 +280,8 @@ def run_he_effect(runtime: HERuntime | None, effect: HEEffect) -> Any:
                 return runtime.evaluate(effect)
             case HECombine():
                 return runtime.combine(effect)
-            case HEDecrypt(_, blobs, vector_len):
-                return runtime.decrypt(blobs, vector_len)
+            case HEDecrypt(_, blobs, vector_len, layout, n_inputs):
+                return runtime.decrypt(blobs, vector_len, layout, n_inputs)
     except (FiPeerError, ValueError, RuntimeError, TypeError) as exc:
         log.warning("HE %s failed: %s", type(effect).__name__, exc)
         return False if isinstance(effect, HELoadContext) else None
@@ -271,7 +297,7 @@ def answer_he_effect(core: PeerCore, effect: HEEffect, result: Any, now_ms: int)
             return core.he_evaluated(effect, result, now_ms)
         case HECombine():
             return core.he_combined(effect, result, now_ms)
-        case HEDecrypt(query_id, _, _):
+        case HEDecrypt(query_id, _, _, _, _):
             return core.he_decrypted(query_id, result, now_ms)
         case HESendChunks():
             raise TypeError("HESendChunks has no answer")

@@ -35,6 +35,8 @@ class HEEvaluate:
     blobs: tuple[bytes, ...] = field(repr=False)
     noise_std: float
     rule: str = "support"  # which served HE vector (fi_peer.he_runtime.HERuntime.served)
+    layout: str = "single"  # or "batched": one tensor blob holding n_inputs inputs
+    n_inputs: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,9 @@ class HECombine:
     query_id: bytes
     digest: str
     parts: tuple[tuple[bytes, ...], ...] = field(repr=False)
+    layout: str = "single"
+    n_inputs: int = 1
+    output_dim: int = 1  # batched: the vector length (the tensor's width)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +63,20 @@ class HEDecrypt:
     query_id: bytes
     blobs: tuple[bytes, ...] = field(repr=False)
     vector_len: int
+    layout: str = "single"
+    n_inputs: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class HESendChunks:
-    """Send ``peer`` the public-context chunks, each sealed (signed, timestamped)
-    just before it leaves: ~120 chunks per member take longer than the replay
-    window (30 s) on a slow link, so they cannot all be sealed up front. The
+    """Send ``peer`` the public-context chunks (or the HEBlobChunks of a batched
+    ciphertext), each sealed (signed, timestamped) just before it leaves: ~120
+    chunks per member take longer than the replay window (30 s) on a slow link,
+    so they cannot all be sealed up front. The
     driver seals with ``PeerCore.seal_now(chunk, now)``; fire and forget."""
 
     peer: str
-    chunks: tuple[Any, ...] = field(repr=False)  # HEContextChunk
+    chunks: tuple[Any, ...] = field(repr=False)  # HEContextChunk | HEBlobChunk
 
 
 HEEffect = HELoadContext | HEEvaluate | HECombine | HEDecrypt | HESendChunks

@@ -14,6 +14,10 @@ are reused as they are)::
     root    --HEPartial (sum over >= t members)------------------> querier
     querier --Receipt (per member in the sum), Result------------> members
 
+Batched (support rule, no DP, 5..4,096 inputs): HEAccept and HEPartial carry no
+inline blob but its digest and size; the bytes follow as HEBlobChunks, each
+acknowledged (HEBlobAck) so that at most HE_BLOB_WINDOW are in flight.
+
 No message carries anything the querier could decrypt per member: a member's
 answer exists only inside partial sums that travel among members, and the
 querier gets exactly one, over at least ``t`` members. Every size cap keeps an
@@ -49,8 +53,39 @@ HE_CONTEXT_WINDOW = 4
 the member acknowledges one (HEContextAck), so no chunk waits long in a
 transport's buffers (chunks are sealed when they leave, and a chunk older than
 the replay window is refused)."""
-HE_LAYOUTS = ("single",)
+HE_LAYOUTS = ("single", "batched")
 HE_ENVELOPE = 512 * 1024
+HE_BATCH_MIN = 5
+"""From this many inputs a query may use the batched layout (fi_peer.privacy.he.BATCH_THRESHOLD)."""
+HE_MAX_BATCH = 4096
+"""Inputs of one batched query: one per CKKS slot."""
+HE_BATCH_RULES = ("support",)
+"""Rules the batched layout computes: the network vector. The kernel evidence (the
+DP-bounded ``evidence`` rule) is single-layout only (its outer-product encoding
+fills all 4,096 slots with one input), so an ``evidence`` query never travels
+batched: the querier sends it as single queries (docs/he.md, Batched queries)."""
+HE_MAX_BLOB_CHUNKS = 72
+"""A chunked ciphertext (batched request or answer) is at most 72 x 448 KiB = 31.5 MiB;
+each receiver caps it lower from the request (input width, vector length)."""
+HE_BLOB_WINDOW = 4
+"""Chunks of a chunked ciphertext in flight per receiver (HEBlobAck releases the next)."""
+HE_CARD_RULE_PREFIX = "he:"
+"""A ModelCard rule ``he:<rule>`` says the peer serves ``<rule>`` in the HE mode. A card
+with ``he`` set and no such entry is an older peer's: it may serve any HE rule (and
+decline the ones it lacks). Carried in the existing ``rules`` field, so the announcement's
+wire format is unchanged (older peers decode it and ignore the extra names)."""
+
+
+def he_card_rules(rules: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The HE rules a card's ``rules`` announce; None: not announced (any rule)."""
+    out = tuple(r[len(HE_CARD_RULE_PREFIX) :] for r in rules if r.startswith(HE_CARD_RULE_PREFIX))
+    return out or None
+
+
+def he_card_tags(rules: tuple[str, ...]) -> tuple[str, ...]:
+    """The card entries announcing the HE ``rules`` a peer serves."""
+    return tuple(HE_CARD_RULE_PREFIX + r for r in rules)
+
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ETH = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -107,6 +142,17 @@ def _peers(value: object, what: str, min_items: int = 1) -> None:
     _req(len(set(value)) == len(value), f"{what}: duplicate peer")
 
 
+def _inline_or_chunked(blobs: object, digest: str, size: int) -> None:
+    """Single: the ciphertexts inline. Batched: none inline, a digest and a size."""
+    if digest == "":
+        _req(size == 0, "blob_bytes without blob_digest")
+        _blobs(blobs, "blobs", HE_MAX_INPUTS, HE_MAX_BLOB)
+    else:
+        _digest(digest)
+        _req(blobs == (), "chunked ciphertexts carry no inline blobs")
+        _int(size, "blob_bytes", 1, HE_MAX_BLOB_CHUNKS * HE_CHUNK_BYTES)
+
+
 def _blobs(value: object, what: str, n_max: int, total: int) -> None:
     _req(isinstance(value, tuple) and 1 <= len(value) <= n_max, f"{what}: 1..{n_max} blobs")
     assert isinstance(value, tuple)
@@ -152,8 +198,19 @@ class HERequest:
         _float(self.epsilon, "epsilon", 1e6)
         _float(self.delta, "delta", 1.0)
         _digest(self.context_digest)
-        _int(self.n_inputs, "n_inputs", 1, HE_MAX_INPUTS)
         _req(self.layout in HE_LAYOUTS, "unsupported layout")
+        if self.layout == "single":
+            _int(self.n_inputs, "n_inputs", 1, HE_MAX_INPUTS)
+        else:
+            # Batched: the network vector only, without DP (its sensitivity is unbounded,
+            # and one batch is n + 1 releases: docs/he.md). DP queries go single.
+            _int(self.n_inputs, "n_inputs", HE_BATCH_MIN, HE_MAX_BATCH)
+            _req(self.rule in HE_BATCH_RULES, "the batched layout serves the support rule only")
+            _req(self.epsilon == 0.0 and self.delta == 0.0, "batched queries carry no DP noise")
+
+    @property
+    def batched(self) -> bool:
+        return self.layout == "batched"
 
     def as_query_request(self) -> QueryRequest:
         """The equivalent default-mode request (what the privacy guard prices):
@@ -254,6 +311,10 @@ class HEAccept:
     blobs: tuple[bytes, ...]
     querier_eth: str = ""
     escrow_deadline_s: int = 0
+    # Batched: ``blobs`` is empty and the ciphertexts follow as HEBlobChunks of this
+    # digest (sha256 of pack_blobs) and size.
+    blob_digest: str = ""
+    blob_bytes: int = 0
 
     def __post_init__(self) -> None:
         _bytes(self.query_id, "query_id", HE_QUERY_ID_LEN, HE_QUERY_ID_LEN)
@@ -267,7 +328,7 @@ class HEAccept:
         _int(self.price_wei, "price_wei", 0, (1 << 64) - 1)
         _float(self.noise_sigma, "noise_sigma", 1e9)
         _digest(self.context_digest)
-        _blobs(self.blobs, "blobs", HE_MAX_INPUTS, HE_MAX_BLOB)
+        _inline_or_chunked(self.blobs, self.blob_digest, self.blob_bytes)
         _eth(self.querier_eth, "querier_eth")
         _int(self.escrow_deadline_s, "escrow_deadline_s")
         paid = {e != "" for e in self.eth_addresses} | {self.querier_eth != ""}
@@ -319,17 +380,72 @@ class HEPartial:
     querier: str
     members: tuple[str, ...]
     blobs: tuple[bytes, ...]
+    blob_digest: str = ""  # batched: chunked, as in HEAccept
+    blob_bytes: int = 0
 
     def __post_init__(self) -> None:
         _bytes(self.query_id, "query_id", HE_QUERY_ID_LEN, HE_QUERY_ID_LEN)
         _req(_peer(self.querier), "bad querier id")
         _peers(self.members, "members")
         _req(list(self.members) == sorted(self.members), "members must be sorted")
-        _blobs(self.blobs, "blobs", HE_MAX_INPUTS, HE_MAX_BLOB)
+        _inline_or_chunked(self.blobs, self.blob_digest, self.blob_bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEBlobChunk:
+    """One piece of a chunked ciphertext of ``querier``'s query ``query_id``: the
+    batched request (querier -> member) or a batched partial sum (member -> parent,
+    root -> querier). Credit-based like the context (HEBlobAck, HE_BLOB_WINDOW)."""
+
+    KIND: ClassVar[str] = "he_blob_chunk"
+    MAX_ENVELOPE: ClassVar[int] = HE_ENVELOPE
+
+    query_id: bytes
+    querier: str
+    digest: str
+    index: int
+    total: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(self.query_id, "query_id", HE_QUERY_ID_LEN, HE_QUERY_ID_LEN)
+        _req(_peer(self.querier), "bad querier id")
+        _digest(self.digest)
+        _int(self.total, "total", 1, HE_MAX_BLOB_CHUNKS)
+        _int(self.index, "index", 0, self.total - 1)
+        _bytes(self.payload, "payload", 1, HE_CHUNK_BYTES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEBlobAck:
+    """Receiver -> sender: chunk ``index`` of the chunked ciphertext ``digest`` arrived."""
+
+    KIND: ClassVar[str] = "he_blob_ack"
+    MAX_ENVELOPE: ClassVar[int] = 512
+
+    query_id: bytes
+    querier: str
+    digest: str
+    index: int
+
+    def __post_init__(self) -> None:
+        _bytes(self.query_id, "query_id", HE_QUERY_ID_LEN, HE_QUERY_ID_LEN)
+        _req(_peer(self.querier), "bad querier id")
+        _digest(self.digest)
+        _int(self.index, "index", 0, HE_MAX_BLOB_CHUNKS - 1)
 
 
 HEMessage = (
-    HERequest | HEOffer | HEContextChunk | HEContextAck | HEAccept | HEReady | HERoute | HEPartial
+    HERequest
+    | HEOffer
+    | HEContextChunk
+    | HEContextAck
+    | HEAccept
+    | HEReady
+    | HERoute
+    | HEPartial
+    | HEBlobChunk
+    | HEBlobAck
 )
 
 HE_MESSAGE_TYPES: tuple[type[HEMessage], ...] = (
@@ -341,4 +457,6 @@ HE_MESSAGE_TYPES: tuple[type[HEMessage], ...] = (
     HEReady,
     HERoute,
     HEPartial,
+    HEBlobChunk,
+    HEBlobAck,
 )

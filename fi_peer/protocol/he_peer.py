@@ -23,8 +23,13 @@ from fi_peer.protocol.envelope import Opened, seal
 from fi_peer.protocol.guard import PrivacyGuard
 from fi_peer.protocol.he_effects import HECombine, HEEvaluate
 from fi_peer.protocol.he_messages import (
+    HE_BATCH_MIN,
+    HE_BATCH_RULES,
+    HE_MAX_BATCH,
     HE_MAX_INPUTS,
     HEAccept,
+    HEBlobAck,
+    HEBlobChunk,
     HEContextAck,
     HEContextChunk,
     HEOffer,
@@ -32,6 +37,7 @@ from fi_peer.protocol.he_messages import (
     HEReady,
     HERequest,
     HERoute,
+    he_card_rules,
 )
 from fi_peer.protocol.he_query import HEPeer, HEResponder
 from fi_peer.protocol.messages import QUERY_ID_LEN, Decline, ModelCard, Receipt, Result
@@ -70,12 +76,18 @@ class HECoreMixin:
             self.identity, responder, self.config.he, payments=payments, capable=self._he_capable
         )
 
-    def _he_capable(self, peer_id: str) -> bool:
+    def _he_capable(self, peer_id: str, rule: str) -> bool:
         """False for a peer whose last signed announcement says it does not serve the
-        HE mode. A peer not in the table (e.g. expired during a stall) is judged by
-        its offer alone, as in the default mode: only HE-ready peers send HEOffers."""
+        HE mode, or announces the HE rules it serves (``he:<rule>`` card entries) and
+        not ``rule``. A peer not in the table (e.g. expired during a stall) is judged by
+        its offer alone, as in the default mode: only HE-ready peers send HEOffers.
+        A card without ``he:`` entries (an older peer) may serve any HE rule."""
         info = self.membership.get(peer_id)
-        return info is None or info.announce.card.he
+        if info is None:
+            return True
+        card = info.announce.card
+        served = he_card_rules(card.rules)
+        return card.he and (served is None or rule in served)
 
     def _dispatch_he(self, opened: Opened, now_ms: int) -> list[Effect] | None:
         """Effects of an HE message (or a Decline/Receipt/Result of an HE query);
@@ -93,6 +105,14 @@ class HECoreMixin:
                 return member.on_chunk(sender, msg, now_ms)
             case HEContextAck():
                 return he.on_context_ack(sender, msg)
+            case HEBlobChunk():
+                if msg.querier == self.identity.peer_id:
+                    return he.reap(he.query(msg.query_id).on_blob_chunk(sender, msg, now_ms))
+                return member.on_blob_chunk(sender, msg, now_ms)
+            case HEBlobAck():
+                if msg.querier == self.identity.peer_id:
+                    return he.query(msg.query_id).on_blob_ack(sender, msg)
+                return member.on_blob_ack(sender, msg)
             case HEAccept():
                 return member.on_accept(sender, msg, now_ms)
             case HERoute():
@@ -129,15 +149,30 @@ class HECoreMixin:
         epsilon: float = 0.0,
         delta: float = 0.0,
         noise_sigma: float = 0.0,
+        n_batched: int = 0,
     ) -> tuple[bytes, list[Effect]]:
         """Start an input-private query: ``blobs`` are the input encrypted under this
         peer's CKKS key (one single-layout ciphertext), ``context`` the matching
         *public* context (sent once per member and cached there). Its end arrives
-        as a QueryDone whose total is the decrypted aggregate (after HEDecrypt)."""
+        as a QueryDone whose total is the decrypted aggregate (after HEDecrypt).
+
+        ``n_batched`` > 0: ``blobs`` is one batched-layout tensor of that many inputs
+        (the ``support`` rule, no DP); it travels chunked (HEBlobChunk) and the total
+        holds ``n_batched`` vectors, input after input."""
         query_id = query_id or nacl.utils.random(QUERY_ID_LEN)
         if query_id in self.he.queries:
             raise LocalProtocolError("query id already in use")
-        if not 1 <= len(blobs) <= HE_MAX_INPUTS:
+        if n_batched:
+            if not HE_BATCH_MIN <= n_batched <= HE_MAX_BATCH or len(blobs) != 1:
+                raise LocalProtocolError(
+                    f"a batched HE query is one ciphertext of {HE_BATCH_MIN}..{HE_MAX_BATCH} inputs"
+                )
+            if rule not in HE_BATCH_RULES or epsilon > 0:
+                raise LocalProtocolError(
+                    "batched HE queries serve the support rule without DP (the DP-bounded "
+                    "kernel evidence is single-layout only): send single queries"
+                )
+        elif not 1 <= len(blobs) <= HE_MAX_INPUTS:
             raise LocalProtocolError(f"an HE query carries 1..{HE_MAX_INPUTS} ciphertexts")
         check_noise(epsilon, noise_sigma)
         digest = self.he.set_context(context)
@@ -156,8 +191,8 @@ class HECoreMixin:
                     delta=float(delta),
                 ),
                 context_digest=digest,
-                n_inputs=len(blobs),
-                layout="single",
+                n_inputs=n_batched or len(blobs),
+                layout="batched" if n_batched else "single",
             )
         except ValueError as exc:
             raise LocalProtocolError(f"invalid HE query: {exc}") from exc
@@ -180,10 +215,10 @@ class HECoreMixin:
         return query_id, effects + session.start()
 
     # -- the driver's answers -----------------------------------------------------------
-    def seal_now(self, chunk: HEContextChunk, now_ms: int) -> bytes:
-        """A context chunk sealed by this peer now (for HESendChunks)."""
-        if not isinstance(chunk, HEContextChunk):
-            raise LocalProtocolError("seal_now seals context chunks only")
+    def seal_now(self, chunk: HEContextChunk | HEBlobChunk, now_ms: int) -> bytes:
+        """A context or ciphertext chunk sealed by this peer now (for HESendChunks)."""
+        if not isinstance(chunk, HEContextChunk | HEBlobChunk):
+            raise LocalProtocolError("seal_now seals chunks only")
         return seal(self.identity, chunk, now_ms)
 
     def he_context_loaded(self, querier: str, digest: str, ok: bool, now_ms: int) -> list[Effect]:

@@ -25,6 +25,14 @@ many members load at once. Members cache loaded contexts per
 chunks only for a digest named by an open request of that querier, so nobody
 can make it hold unsolicited megabytes.
 
+Batched queries (docs/he.md, "Batched queries on the wire"): the request
+tensor and every partial sum are too large for one message; the header
+(HEAccept / HEPartial) names their digest and size and the bytes follow as
+HEBlobChunks, windowed by HEBlobAck (:class:`ChunkWindow`), reassembled with
+a cap from the request and the digest checked (:class:`BlobAssembler`). A
+member waits for its input in WAIT_INPUT; a lost chunk fails the query with a
+reason naming the transfer.
+
 Aggregation (docs/he.md, choice (b)): homomorphic summation among members
 along a heap over the *live* members in an order fixed by
 sha256(query id | member id), which the querier cannot steer. The querier
@@ -81,10 +89,14 @@ from fi_peer.protocol.he_effects import (
     HESendChunks,
 )
 from fi_peer.protocol.he_messages import (
+    HE_BLOB_WINDOW,
     HE_CHUNK_BYTES,
     HE_CONTEXT_WINDOW,
+    HE_MAX_BLOB_CHUNKS,
     HE_MAX_CHUNKS,
     HEAccept,
+    HEBlobAck,
+    HEBlobChunk,
     HEContextAck,
     HEContextChunk,
     HEOffer,
@@ -148,6 +160,162 @@ def aggregate_digest(blobs: tuple[bytes, ...]) -> bytes:
         h.update(len(blob).to_bytes(8, "big"))
         h.update(blob)
     return h.digest()
+
+
+# --------------------------------------------------------------------------- chunked ciphertexts
+
+MAX_BLOB_TRANSFER = HE_MAX_BLOB_CHUNKS * HE_CHUNK_BYTES
+_CT_BYTES = 640 * 1024  # fi_peer.privacy.he.MAX_CIPHERTEXT_BYTES: one ciphertext, any level
+_FRAME_SLACK = 64 * 1024
+
+
+def request_cap(request: HERequest) -> int:
+    """Most bytes a batched request may hold: one ciphertext per input feature."""
+    return min(MAX_BLOB_TRANSFER, request.input_dim * _CT_BYTES + _FRAME_SLACK)
+
+
+def response_cap(request: HERequest) -> int:
+    """Most bytes a batched answer (or partial sum) may hold: one ciphertext per output,
+    at the last level (~131 KB each)."""
+    return min(MAX_BLOB_TRANSFER, request.vector_len * _CT_BYTES // 4 + _FRAME_SLACK)
+
+
+def pack_blobs(blobs: tuple[bytes, ...]) -> bytes:
+    """Ciphertext blobs as one byte string (each length-prefixed) for chunking."""
+    return b"".join(len(b).to_bytes(4, "big") + b for b in blobs)
+
+
+def unpack_blobs(data: bytes) -> tuple[bytes, ...]:
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise UnexpectedMessage("chunked ciphertexts: truncated length")
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        if size == 0 or pos + size > len(data):
+            raise UnexpectedMessage("chunked ciphertexts: bad length")
+        out.append(data[pos : pos + size])
+        pos += size
+    if not out:
+        raise UnexpectedMessage("chunked ciphertexts: empty")
+    return tuple(out)
+
+
+def blob_chunks(query_id: bytes, querier: str, data: bytes) -> tuple[HEBlobChunk, ...]:
+    """``data`` (pack_blobs) cut into HEBlobChunks named by its sha256."""
+    if not 0 < len(data) <= MAX_BLOB_TRANSFER:
+        raise LocalProtocolError(f"a chunked ciphertext is 1..{MAX_BLOB_TRANSFER} bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    total = -(-len(data) // HE_CHUNK_BYTES)
+    return tuple(
+        HEBlobChunk(
+            query_id=query_id,
+            querier=querier,
+            digest=digest,
+            index=i,
+            total=total,
+            payload=data[i * HE_CHUNK_BYTES : (i + 1) * HE_CHUNK_BYTES],
+        )
+        for i in range(total)
+    )
+
+
+class ChunkWindow:
+    """Sender side of one chunked ciphertext to one receiver, credit-based like
+    :class:`ContextTransfers`: at most ``window`` chunks unacknowledged."""
+
+    def __init__(
+        self, peer: str, chunks: tuple[HEBlobChunk, ...], window: int = HE_BLOB_WINDOW
+    ) -> None:
+        if not chunks or window < 1:
+            raise LocalProtocolError("a transfer has >= 1 chunk and a window >= 1")
+        self.peer = peer
+        self.chunks = chunks
+        self.window = window
+        self.sent = 0
+        self.acked: set[int] = set()
+
+    @property
+    def digest(self) -> str:
+        return self.chunks[0].digest
+
+    @property
+    def done(self) -> bool:
+        return len(self.acked) == len(self.chunks)
+
+    def start(self) -> HESendChunks:
+        self.sent = min(self.window, len(self.chunks))
+        return HESendChunks(self.peer, self.chunks[: self.sent])
+
+    def on_ack(self, sender: str, ack: HEBlobAck) -> list[Effect]:
+        if sender != self.peer or ack.digest != self.digest or ack.index >= self.sent:
+            raise UnexpectedMessage("acknowledgement of a chunk not sent to this peer")
+        self.acked.add(ack.index)
+        end = min(len(self.acked) + self.window, len(self.chunks))
+        if end <= self.sent:
+            return []
+        start, self.sent = self.sent, end
+        return [HESendChunks(self.peer, self.chunks[start:end])]
+
+
+class BlobAssembler:
+    """Receiver side of one chunked ciphertext: any order, duplicates ignored,
+    at most ``cap`` bytes (refused beyond: UnexpectedMessage), the sha256 checked
+    once complete; ``expect`` is the size the header (HEAccept/HEPartial) declares,
+    which may come before or after the chunks."""
+
+    def __init__(self, digest: str, cap: int) -> None:
+        self.digest = digest
+        self.cap = cap
+        self.total = 0
+        self.parts: dict[int, bytes] = {}
+        self.size = 0
+        self.expect = 0
+        self.data: bytes | None = None
+
+    def declare(self, size: int) -> None:
+        if size > self.cap:
+            raise UnexpectedMessage(f"chunked ciphertext of {size} bytes above the cap {self.cap}")
+        if self.data is not None and len(self.data) != size:
+            raise UnexpectedMessage("chunked ciphertext is not the declared size")
+        self.expect = size
+
+    @property
+    def missing(self) -> int:
+        return self.total - len(self.parts) if self.total else -1
+
+    def add(self, chunk: HEBlobChunk) -> bool:
+        """Take a chunk; True when it was new (to acknowledge)."""
+        if chunk.digest != self.digest:
+            raise UnexpectedMessage("chunk of another ciphertext")
+        if self.data is not None or chunk.index in self.parts:
+            return False
+        if not self.total:
+            if (chunk.total - 1) * HE_CHUNK_BYTES >= self.cap:
+                raise UnexpectedMessage(f"chunked ciphertext above the cap of {self.cap} bytes")
+            self.total = chunk.total
+        elif chunk.total != self.total:
+            raise UnexpectedMessage("chunks disagree on their number")
+        if self.size + len(chunk.payload) > self.cap:
+            raise UnexpectedMessage(f"chunked ciphertext above the cap of {self.cap} bytes")
+        self.parts[chunk.index] = chunk.payload
+        self.size += len(chunk.payload)
+        if len(self.parts) == self.total:
+            data = b"".join(self.parts[i] for i in range(self.total))
+            self.parts = {}
+            if hashlib.sha256(data).hexdigest() != self.digest:
+                raise UnexpectedMessage("reassembled ciphertext does not match its digest")
+            if self.expect and len(data) != self.expect:
+                raise UnexpectedMessage("chunked ciphertext is not the declared size")
+            self.data = data
+        return True
+
+    def blobs(self) -> tuple[bytes, ...] | None:
+        """The ciphertexts once complete (and declared), else None."""
+        if self.data is None or not self.expect:
+            return None
+        return unpack_blobs(self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,7 +413,7 @@ class HEQuerySession:
         noise_sigma: float,
         config: HEConfig,
         payments: Payments | None,
-        capable: Callable[[str], bool],
+        capable: Callable[[str, str], bool],
         context_sent: dict[str, int] | None = None,
         transfers: ContextTransfers | None = None,
     ) -> None:
@@ -277,6 +445,19 @@ class HEQuerySession:
         self.escrow: EscrowTerms | None = None
         self.escrow_open = False
         self.context_bytes_sent = 0
+        # Batched: the request ciphertext goes chunked, windowed per member, after the
+        # accept; the root's aggregate comes back chunked (header HEPartial + chunks).
+        self.request_chunks: tuple[HEBlobChunk, ...] = ()
+        self.request_bytes = 0
+        self.windows: dict[str, ChunkWindow] = {}
+        self.inbound: BlobAssembler | None = None
+        self.header: HEPartial | None = None
+        if request.batched:
+            if len(blobs) != 1:
+                raise LocalProtocolError("a batched HE query is one tensor ciphertext")
+            data = pack_blobs(blobs)
+            self.request_chunks = blob_chunks(request.query_id, identity.peer_id, data)
+            self.request_bytes = len(data)
 
     @property
     def query_id(self) -> bytes:
@@ -308,8 +489,8 @@ class HEQuerySession:
     def on_offer(self, sender: str, offer: HEOffer, now_ms: int) -> list[Effect]:
         if sender in self.offers:
             raise UnexpectedMessage("second offer from one peer")
-        if not self.capable(sender):
-            raise UnexpectedMessage("HE offer from a peer that does not announce the HE mode")
+        if not self.capable(sender, self.request.rule):
+            raise UnexpectedMessage("HE offer from a peer that does not announce this HE rule")
         if offer.price_wei > self.request.max_price_wei:
             raise UnexpectedMessage("offer above the maximum price")
         if self.paid_mode:
@@ -374,11 +555,16 @@ class HEQuerySession:
                 price_wei=self.price,
                 noise_sigma=self.noise_sigma,
                 context_digest=self.request.context_digest,
-                blobs=self.blobs,
+                blobs=() if self.request_chunks else self.blobs,
                 querier_eth="" if escrow is None else escrow.querier,
                 escrow_deadline_s=0 if escrow is None else escrow.deadline_s,
+                blob_digest=self.request_chunks[0].digest if self.request_chunks else "",
+                blob_bytes=self.request_bytes,
             )
             effects.append(self._send(peer, accept, now_ms))
+            if self.request_chunks:
+                window = self.windows[peer] = ChunkWindow(peer, self.request_chunks)
+                effects.append(window.start())
         reserve = min(self.config.route_reserve_ms, (self.request.deadline_ms - now_ms) // 3)
         effects.append(SetTimer(self.timer("ready"), self.request.deadline_ms - reserve))
         return effects
@@ -406,6 +592,12 @@ class HEQuerySession:
             if stalled:
                 reason = f"key_exchange_incomplete_{len(stalled)}_of_{len(self.committee)}"
                 return self._fail(reason, now_ms)
+            gone = self.declined | self.ready
+            unsent = [m for m, w in self.windows.items() if not w.done and m not in gone]
+            if unsent:
+                # a batched request whose chunks did not all arrive (acknowledged)
+                reason = f"input_transfer_incomplete_{len(unsent)}_of_{len(self.committee)}"
+                return self._fail(reason, now_ms)
             return self._fail(f"too_few_answers_{len(self.ready)}_of_{self.threshold}", now_ms)
         order = aggregation_order(self.query_id, self.committee)
         self.live = tuple(m for m in order if m in self.ready)
@@ -427,12 +619,67 @@ class HEQuerySession:
             raise UnexpectedMessage("HE aggregate names another querier or non-members")
         if len(members) < self.threshold:
             raise UnexpectedMessage("HE aggregate over fewer members than the threshold")
+        if self.request.batched:
+            if not partial.blob_digest or self.header is not None:
+                raise UnexpectedMessage("batched HE aggregate not chunked, or a second one")
+            self.header = partial
+            try:
+                self._inbound(partial.blob_digest).declare(partial.blob_bytes)
+            except UnexpectedMessage as exc:
+                return self._fail(f"aggregate_refused_{str(exc)[:24].replace(' ', '_')}", now_ms)
+            return self._maybe_decrypt()
         if len(partial.blobs) != self.request.n_inputs:
             raise UnexpectedMessage("HE aggregate has the wrong number of ciphertexts")
         self.summed = partial.members
         self.aggregate = partial.blobs
         self.state = HQState.DECRYPTING
         return [HEDecrypt(self.query_id, partial.blobs, self.request.vector_len)]
+
+    # -- chunked ciphertexts (batched) ---------------------------------------------------
+    def on_blob_ack(self, sender: str, ack: HEBlobAck) -> list[Effect]:
+        window = self.windows.get(sender)
+        if window is None:
+            raise UnexpectedMessage("acknowledgement of no transfer to this peer")
+        return window.on_ack(sender, ack)
+
+    def _inbound(self, digest: str) -> BlobAssembler:
+        if self.inbound is None:
+            self.inbound = BlobAssembler(digest, response_cap(self.request))
+        elif self.inbound.digest != digest:
+            raise UnexpectedMessage("chunks of a second aggregate")
+        return self.inbound
+
+    def on_blob_chunk(self, sender: str, chunk: HEBlobChunk, now_ms: int) -> list[Effect]:
+        """A chunk of the root's batched aggregate (from the root only)."""
+        if self.state is not HQState.ROUTED or not self.live or sender != self.live[0]:
+            raise UnexpectedMessage("aggregate chunk not from the root of this query's tree")
+        if not self.request.batched:
+            raise UnexpectedMessage("chunked aggregate of a single-layout query")
+        try:
+            new = self._inbound(chunk.digest).add(chunk)
+        except UnexpectedMessage as exc:
+            return self._fail(f"aggregate_refused_{str(exc)[:24].replace(' ', '_')}", now_ms)
+        if not new:
+            return []
+        ack = HEBlobAck(
+            query_id=self.query_id, querier=chunk.querier, digest=chunk.digest, index=chunk.index
+        )
+        return [self._send(sender, ack, now_ms), *self._maybe_decrypt()]
+
+    def _maybe_decrypt(self) -> list[Effect]:
+        if self.header is None or self.inbound is None:
+            return []
+        blobs = self.inbound.blobs()
+        if blobs is None:
+            return []
+        if len(blobs) != 1:
+            raise UnexpectedMessage("a batched aggregate is one tensor ciphertext")
+        self.summed = self.header.members
+        self.aggregate = blobs
+        self.state = HQState.DECRYPTING
+        self.inbound = None
+        n = self.request.n_inputs
+        return [HEDecrypt(self.query_id, blobs, self.request.vector_len, "batched", n)]
 
     def on_decrypted(self, values: npt.ArrayLike | None, now_ms: int) -> list[Effect]:
         if self.state is not HQState.DECRYPTING:
@@ -495,6 +742,10 @@ class HEQuerySession:
     def on_deadline(self, now_ms: int) -> list[Effect]:
         if self.finished:
             return []
+        inbound = self.inbound
+        if self.state is HQState.ROUTED and inbound is not None and inbound.missing != 0:
+            missing = inbound.missing if inbound.missing > 0 else "all"
+            return self._fail(f"aggregate_transfer_incomplete_{missing}_chunks_missing", now_ms)
         return self._fail(f"deadline_in_{self.state.value}", now_ms)
 
     def _payment(self) -> tuple[EscrowTerms | None, tuple[str, ...]]:
@@ -527,6 +778,7 @@ class HEQuerySession:
 class HRState(enum.Enum):
     OFFERED = "offered"
     VERIFYING = "verifying"
+    WAIT_INPUT = "wait_input"  # batched: the request's chunks are still arriving
     WAIT_CONTEXT = "wait_context"
     EVALUATING = "evaluating"
     CHARGING = "charging"
@@ -548,8 +800,17 @@ class HEMemberSession:
     live: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
     received: dict[str, HEPartial] = field(default_factory=dict)
-    early: dict[str, HEPartial] = field(default_factory=dict)  # came before our route
+    parts: dict[str, tuple[bytes, ...]] = field(default_factory=dict)  # received's blobs
+    # came before our route: the partial and its blobs
+    early: dict[str, tuple[HEPartial, tuple[bytes, ...]]] = field(default_factory=dict)
     receipt: Receipt | None = None
+    # Batched: chunked ciphertexts coming in, per (sender, digest): the querier's
+    # request and the children's partial sums; chunked partials' headers waiting for
+    # their chunks; the request once reassembled; our own partial going out.
+    inbound: dict[tuple[str, str], BlobAssembler] = field(default_factory=dict)
+    headers: dict[str, HEPartial] = field(default_factory=dict)
+    input_blobs: tuple[bytes, ...] | None = None
+    outbound: ChunkWindow | None = None
 
 
 class HEResponder(MemberSide):
@@ -727,7 +988,9 @@ class HEResponder(MemberSide):
             raise UnexpectedMessage("HE accept does not list this peer")
         if accept.context_digest != request.context_digest:
             raise UnexpectedMessage("HE accept names another context than the request")
-        if len(accept.blobs) != request.n_inputs:
+        if request.batched != bool(accept.blob_digest):
+            raise UnexpectedMessage("HE accept: chunked iff the request is batched")
+        if not request.batched and len(accept.blobs) != request.n_inputs:
             raise UnexpectedMessage("HE accept carries the wrong number of ciphertexts")
         if accept.price_wei < session.price_wei:
             raise UnexpectedMessage("HE accept below the offered price")
@@ -737,6 +1000,8 @@ class HEResponder(MemberSide):
             refusal = "committee_too_small"
         elif 2 * t <= n or t < 2:
             refusal = "threshold_not_majority"
+        elif request.batched and accept.blob_bytes > request_cap(request):
+            refusal = "input_too_large"
         else:
             required = 0.0
             if self.guard is not None:
@@ -768,6 +1033,21 @@ class HEResponder(MemberSide):
         return self._proceed(key, session)
 
     def _proceed(self, key: SessionKey, session: HEMemberSession) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
+        if session.request.batched and session.input_blobs is None:
+            asm = session.inbound.get((key[0], accept.blob_digest))
+            blobs = None
+            if asm is not None:
+                asm.declare(accept.blob_bytes)
+                blobs = asm.blobs()
+            if blobs is None:
+                session.state = HRState.WAIT_INPUT
+                return []
+            if len(blobs) != 1:
+                raise UnexpectedMessage("a batched HE request is one tensor ciphertext")
+            session.input_blobs = blobs
+            del session.inbound[(key[0], accept.blob_digest)]
         digest = session.request.context_digest
         if (key[0], digest) in self.contexts:
             self.contexts.move_to_end((key[0], digest))
@@ -780,8 +1060,16 @@ class HEResponder(MemberSide):
         assert accept is not None
         session.state = HRState.EVALUATING
         std = member_noise_std(accept.noise_sigma, accept.threshold) if accept.noise_sigma else 0.0
-        rule = session.request.rule
-        return [HEEvaluate(key[0], key[1], accept.context_digest, accept.blobs, std, rule)]
+        request = session.request
+        if request.batched:
+            assert session.input_blobs is not None
+            blobs, session.input_blobs = session.input_blobs, ()
+            evaluate = HEEvaluate(
+                key[0], key[1], accept.context_digest, blobs, std, request.rule,
+                "batched", request.n_inputs,
+            )  # fmt: skip
+            return [evaluate]
+        return [HEEvaluate(key[0], key[1], accept.context_digest, accept.blobs, std, request.rule)]
 
     def on_evaluated(
         self, key: SessionKey, blobs: tuple[bytes, ...] | None, now_ms: int
@@ -828,9 +1116,9 @@ class HEResponder(MemberSide):
         if not session.children:
             return self._combine(key, session, now_ms)
         early, session.early = session.early, {}
-        for child, partial in early.items():
+        for child, (partial, blobs) in early.items():
             try:
-                effects = self._take_partial(key, session, child, partial, now_ms)
+                effects = self._take_partial(key, session, child, partial, blobs, now_ms)
             except UnexpectedMessage:
                 self.metrics["he.rejected_early_partial"] += 1
                 continue
@@ -844,13 +1132,111 @@ class HEResponder(MemberSide):
         session = self._session(key, HRState.READY, HRState.COLLECTING)
         accept = session.accept
         assert accept is not None
+        if session.request.batched != bool(partial.blob_digest):
+            raise UnexpectedMessage("HE partial: chunked iff the request is batched")
+        if not partial.blob_digest:
+            return self._partial_complete(key, session, sender, partial, partial.blobs, now_ms)
+        if sender not in accept.members or sender in session.headers:
+            raise UnexpectedMessage("HE partial from a non-member, or a second one")
+        session.headers[sender] = partial
+        asm = self._inbound(session, sender, partial.blob_digest)
+        asm.declare(partial.blob_bytes)
+        blobs = asm.blobs()
+        if blobs is None:
+            return []  # its chunks are still coming
+        del session.inbound[(sender, partial.blob_digest)]
+        return self._partial_complete(key, session, sender, partial, blobs, now_ms)
+
+    def _partial_complete(
+        self,
+        key: SessionKey,
+        session: HEMemberSession,
+        sender: str,
+        partial: HEPartial,
+        blobs: tuple[bytes, ...],
+        now_ms: int,
+    ) -> list[Effect]:
+        accept = session.accept
+        assert accept is not None
         if session.state is HRState.READY:
             # The child got its route first: keep it until ours arrives (checked then).
             if sender not in accept.members or sender in session.early:
                 raise UnexpectedMessage("HE partial from a non-member, or a second one")
-            session.early[sender] = partial
+            session.early[sender] = (partial, blobs)
             return []
-        return self._take_partial(key, session, sender, partial, now_ms)
+        if session.state is not HRState.COLLECTING:
+            return []  # combined already (its level's timer went off first)
+        return self._take_partial(key, session, sender, partial, blobs, now_ms)
+
+    # -- chunked ciphertexts (batched) ---------------------------------------------------
+    def _inbound(self, session: HEMemberSession, sender: str, digest: str) -> BlobAssembler:
+        ikey = (sender, digest)
+        asm = session.inbound.get(ikey)
+        if asm is None:
+            if any(s == sender for s, _ in session.inbound):
+                raise UnexpectedMessage("a second chunked ciphertext from one peer")
+            cap = (
+                request_cap(session.request)
+                if sender == session.querier
+                else response_cap(session.request)
+            )
+            asm = session.inbound[ikey] = BlobAssembler(digest, cap)
+        return asm
+
+    def on_blob_chunk(self, sender: str, chunk: HEBlobChunk, now_ms: int) -> list[Effect]:
+        """A chunk of the querier's batched request, or of a child's batched partial."""
+        key = (chunk.querier, chunk.query_id)
+        session = self.sessions.get(key)
+        if session is None or not session.request.batched:
+            raise UnexpectedMessage("ciphertext chunk of no open batched HE query")
+        accept = session.accept
+        if sender == session.querier:
+            if session.input_blobs is not None or session.state not in (
+                HRState.OFFERED,
+                HRState.VERIFYING,
+                HRState.WAIT_INPUT,
+            ):
+                return []  # complete already
+            if accept is not None and chunk.digest != accept.blob_digest:
+                raise UnexpectedMessage("request chunk of another ciphertext than accepted")
+        elif accept is None or sender not in accept.members or sender == self.me:
+            raise UnexpectedMessage("partial-sum chunk from a non-member")
+        elif session.state not in (HRState.READY, HRState.COLLECTING) or sender in session.parts:
+            return []
+        asm = self._inbound(session, sender, chunk.digest)
+        try:
+            new = asm.add(chunk)
+        except UnexpectedMessage:
+            session.inbound.pop((sender, chunk.digest), None)
+            if sender == session.querier:
+                self.metrics["he.input_refused"] += 1
+                return self._decline(key, "input_refused", now_ms)
+            raise
+        if not new:
+            return []
+        ack = HEBlobAck(
+            query_id=chunk.query_id, querier=chunk.querier, digest=chunk.digest, index=chunk.index
+        )
+        effects: list[Effect] = [self._send(sender, ack, now_ms)]
+        if asm.data is None:
+            return effects
+        if sender == session.querier:
+            if session.state is HRState.WAIT_INPUT:
+                effects += self._proceed(key, session)
+            return effects
+        header = session.headers.get(sender)
+        blobs = asm.blobs()
+        if header is None or blobs is None:
+            return effects  # the header comes later
+        del session.inbound[(sender, chunk.digest)]
+        return effects + self._partial_complete(key, session, sender, header, blobs, now_ms)
+
+    def on_blob_ack(self, sender: str, ack: HEBlobAck) -> list[Effect]:
+        """Our parent (or the querier) took a chunk of our batched partial sum."""
+        session = self.sessions.get((ack.querier, ack.query_id))
+        if session is None or session.outbound is None:
+            raise UnexpectedMessage("acknowledgement of no partial sum sent from here")
+        return session.outbound.on_ack(sender, ack)
 
     def _take_partial(
         self,
@@ -858,6 +1244,7 @@ class HEResponder(MemberSide):
         session: HEMemberSession,
         sender: str,
         partial: HEPartial,
+        blobs: tuple[bytes, ...],
         now_ms: int,
     ) -> list[Effect]:
         accept = session.accept
@@ -867,9 +1254,11 @@ class HEResponder(MemberSide):
         allowed = tree_subtree(session.live, sender, accept.fan_in)
         if sender not in partial.members or not set(partial.members) <= allowed:
             raise UnexpectedMessage("HE partial names members outside the child's subtree")
-        if len(partial.blobs) != session.request.n_inputs:
+        expected = 1 if session.request.batched else session.request.n_inputs
+        if len(blobs) != expected:
             raise UnexpectedMessage("HE partial has the wrong number of ciphertexts")
         session.received[sender] = partial
+        session.parts[sender] = blobs
         if set(session.received) == set(session.children):
             return self._combine(key, session, now_ms)
         return []
@@ -898,7 +1287,14 @@ class HEResponder(MemberSide):
         if not session.received:
             return self._forward(key, session, session.own, now_ms)
         session.state = HRState.COMBINING
-        parts = (session.own, *(p.blobs for p in session.received.values()))
+        parts = (session.own, *(session.parts[s] for s in session.received))
+        request = session.request
+        if request.batched:
+            combine = HECombine(
+                key[0], key[1], accept.context_digest, parts,
+                "batched", request.n_inputs, request.vector_len,
+            )  # fmt: skip
+            return [combine]
         return [HECombine(key[0], key[1], accept.context_digest, parts)]
 
     def on_combined(
@@ -917,14 +1313,30 @@ class HEResponder(MemberSide):
         accept = session.accept
         assert accept is not None
         parent = tree_parent(session.live, self.me, accept.fan_in)
-        partial = HEPartial(
-            query_id=key[1], querier=key[0], members=self._members(session), blobs=blobs
-        )
+        to = key[0] if parent is None else parent
+        members = self._members(session)
         session.state = HRState.SENT
         session.own = ()
         session.received = {}
+        session.parts = {}
+        session.inbound = {}
         self.metrics["he.partials_sent"] += 1
-        return [self._send(key[0] if parent is None else parent, partial, now_ms)]
+        if not session.request.batched:
+            partial = HEPartial(query_id=key[1], querier=key[0], members=members, blobs=blobs)
+            return [self._send(to, partial, now_ms)]
+        # Batched (~2.6 MB): a header, then the chunks, windowed by the receiver's acks.
+        data = pack_blobs(blobs)
+        chunks = blob_chunks(key[1], key[0], data)
+        header = HEPartial(
+            query_id=key[1],
+            querier=key[0],
+            members=members,
+            blobs=(),
+            blob_digest=chunks[0].digest,
+            blob_bytes=len(data),
+        )
+        session.outbound = ChunkWindow(to, chunks)
+        return [self._send(to, header, now_ms), session.outbound.start()]
 
     # -- receipts, results -------------------------------------------------------------
     def on_receipt(self, sender: str, receipt: Receipt, now_ms: int) -> list[Effect]:
@@ -947,7 +1359,7 @@ class HEPeer:
         config: HEConfig,
         *,
         payments: Payments | None,
-        capable: Callable[[str], bool],
+        capable: Callable[[str, str], bool],
     ) -> None:
         self.identity = identity
         self.responder = responder

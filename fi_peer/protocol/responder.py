@@ -216,6 +216,10 @@ class MemberSide:
             return "shape_mismatch"
         if request.rule not in card.rules:
             return "rule_unsupported"
+        if isinstance(request, QueryRequest) and request.rule.startswith("he:"):
+            # "he:<rule>" in the card names an input-private (HE) rule served,
+            # never a default-mode rule
+            return "rule_unsupported"
         if refuse_plaintext:
             return "plaintext_refused"
         if request.max_price_wei < price_wei:

@@ -11,6 +11,9 @@ member); the second reuses the members' cached contexts. Both ask for the
 ``support`` rule without DP (exact check); a third uses the default rule of
 the mode, the kernel evidence, under the config's DP (epsilon 2): members with
 finite budgets answer it, each adding its noise share inside the ciphertext.
+A fourth asks 64 inputs with the ``support`` rule: one batched query (one
+CKKSTensor, ~14 MB, chunked over the direct channel with flow control; the
+batched sum comes back chunked too), labels equal to the plaintext sums.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tests.integration.conftest import ALPHA, EPOCHS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PEERS = 3
+BATCH = 64
 
 
 def test_input_private_query_answered_by_libp2p_daemons(
@@ -91,5 +95,28 @@ def test_input_private_query_answered_by_libp2p_daemons(
             )
             label, _ = decide(total, HE_RULE)
             assert result["label"] == label
+        # Batched: 64 inputs in one query (chunked request and answer).
+        pool = np.asarray(samples["inputs"], dtype=np.float64)
+        xs = pool[np.arange(BATCH) % len(pool)]  # the samples repeated to 64 rows
+        path.write_text(json.dumps(xs.tolist()))
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "fi_peer.cli", "query", str(path), "--input-private",
+                "--rule", HE_RULE, "--k", str(PEERS - 1), "--timeout", "100", "--json",
+                "--config", str(querier.config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        results = json.loads(done.stdout)["results"]
+        assert len(results) == BATCH and len({r["query_id"] for r in results}) == 1
+        assert all(r["ok"] and r["batched_inputs"] == BATCH for r in results), results[0]
+        members = [by_id[p] for p in results[0]["contributors"]]
+        assert sorted(members) == [1, 2]
+        totals = sum(load_he_model(he_model_path(owner_models[i])).forward(xs) for i in members)
+        labels = [decide(t, HE_RULE)[0] for t in totals]
+        assert [r["label"] for r in results] == labels
     finally:
         net.stop_all()

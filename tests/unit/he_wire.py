@@ -6,6 +6,8 @@ from typing import Any
 
 from fi_peer.protocol.he_messages import (
     HEAccept,
+    HEBlobAck,
+    HEBlobChunk,
     HEContextAck,
     HEContextChunk,
     HEMessage,
@@ -74,6 +76,18 @@ def he_samples(now_ms: int) -> list[HEMessage]:
         HEReady(query_id=b"q" * 16),
         HERoute(query_id=b"q" * 16, live=(A, B), hop_ms=1500),
         HEPartial(query_id=b"q" * 16, querier=A, members=(B,), blobs=(b"c" * 200,)),
+        HEPartial(  # batched: the ciphertext follows as HEBlobChunks
+            query_id=b"q" * 16,
+            querier=A,
+            members=(B,),
+            blobs=(),
+            blob_digest=DIGEST,
+            blob_bytes=2_600_000,
+        ),
+        HEBlobChunk(
+            query_id=b"q" * 16, querier=A, digest=DIGEST, index=0, total=7, payload=b"p" * 100
+        ),
+        HEBlobAck(query_id=b"q" * 16, querier=A, digest=DIGEST, index=0),
     ]
 
 
@@ -126,4 +140,13 @@ def he_biggest() -> list[HEMessage]:
         HEPartial(
             query_id=b"\xff" * 16, querier="f" * 64, members=peers, blobs=(b"\xff" * (480 * 1024),)
         ),
+        HEBlobChunk(
+            query_id=b"\xff" * 16,
+            querier="f" * 64,
+            digest="f" * 64,
+            index=71,
+            total=72,
+            payload=b"\xff" * (448 * 1024),
+        ),
+        HEBlobAck(query_id=b"\xff" * 16, querier="f" * 64, digest="f" * 64, index=71),
     ]

@@ -38,7 +38,11 @@ async def test_input_private_query_through_agents_equals_plaintext() -> None:
     agents: list[Agent] = []
     for i, model in enumerate([None, *models]):
         card = toy_card(
-            task="toy", n_classes=OUT, input_dim=DIM, rules=("soft",), he=model is not None
+            task="toy",
+            n_classes=OUT,
+            input_dim=DIM,
+            rules=("soft", "support"),
+            he=model is not None,
         )
         runtime = HERuntime(model)
         if model is not None:
@@ -67,6 +71,16 @@ async def test_input_private_query_through_agents_equals_plaintext() -> None:
         chunks = -(-len(public) // HE_CHUNK_BYTES)  # ~12 MB: 27 chunks of 448 KiB
         assert 20 <= chunks <= 32
         assert member_core.metrics["accepted.he_context_chunk"] == chunks  # once, not twice
+        # Many inputs, support rule, no DP: ONE batched query, chunked both ways.
+        xs = np.random.default_rng(5).uniform(-1, 1, (64, DIM))
+        outcome = await querier.query(
+            xs, rule="support", k=2, timeout_s=60, epsilon=0.0, input_private=True
+        )
+        assert outcome.ok, outcome.reason
+        assert outcome.total is not None
+        totals = np.asarray(outcome.total).reshape(64, OUT)
+        np.testing.assert_allclose(totals, sum(m.forward(xs) for m in models), atol=TOL)
+        assert member_core.metrics["accepted.he_blob_chunk"] >= 2  # the request, chunked
     finally:
         for agent in agents:
             await agent.aclose()

@@ -36,7 +36,7 @@ from fi_peer.protocol.effects import QueryOutcome
 from fi_peer.protocol.he_effects import HEEvaluate
 from fi_peer.protocol.he_messages import HERequest
 from fi_peer.protocol.he_query import HEConfig
-from fi_peer.protocol.messages import ModelCard
+from fi_peer.protocol.messages import ModelCard, QueryRequest
 from fi_peer.protocol.peer import CoreConfig, PeerCore
 from fi_peer.protocol.querier import QuerierConfig
 from tests.unit.he_wire import toy_request_fields
@@ -319,3 +319,23 @@ def test_kernel_peers_on_the_zoo_partition_sum_to_the_pooled_estimate() -> None:
     for peer, idx in zip(peers, parts, strict=True):
         counts = np.bincount(split.y_train[idx], minlength=10)
         np.testing.assert_allclose(np.einsum("caa->c", peer.moments), counts, atol=1e-9)
+
+
+def test_he_rule_names_in_the_card_are_not_default_mode_rules() -> None:
+    """A card announces its HE rules as "he:<rule>" in ``rules``; a default-mode
+    QueryRequest naming one is declined before any offer (it is not a rule of
+    that mode, whatever the card's list says)."""
+    card = ModelCard(
+        task="toy",
+        n_classes=3,
+        input_dim=4,
+        arch="fn",
+        model_hash=b"\x00" * 32,
+        rules=("soft", "he:support"),
+        he=True,
+    )
+    member = PeerCore(Identity.from_seed(b"he-tags"), card)
+    fields = toy_request_fields(b"q" * 16, now_ms=0, reply_key=b"r" * 32, epsilon=0.0, delta=0.0)
+    assert member.responder.can_serve(QueryRequest(**fields), 0) is None
+    tagged = QueryRequest(**{**fields, "rule": "he:support"})
+    assert member.responder.can_serve(tagged, 0) == "rule_unsupported"
