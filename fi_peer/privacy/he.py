@@ -127,10 +127,10 @@ import struct
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -1119,22 +1119,31 @@ class _SinglePlan:
         return pt
 
 
-_PLANS: OrderedDict[int, _SinglePlan] = OrderedDict()
+_P = TypeVar("_P")
+_PLANS: OrderedDict[int, Any] = OrderedDict()
 _PLANS_LOCK = threading.Lock()
 
 
-def _single_plan(model: HEModel) -> _SinglePlan:
+def _cached_plan(model: Any, make: Callable[[Any], _P]) -> _P:
+    """The evaluation plan of ``model`` (encoded weights), made once by ``make``
+    and kept for the 16 most recently used models (of either kind). Keyed by id(model) and
+    checked by identity, so a new model at a recycled address is not served
+    another's plan."""
     with _PLANS_LOCK:
         plan = _PLANS.get(id(model))
         if plan is not None and plan.model is model:
             _PLANS.move_to_end(id(model))
-            return plan
-    plan = _SinglePlan(model)
+            return cast(_P, plan)
+    made = make(model)
     with _PLANS_LOCK:
-        _PLANS[id(model)] = plan
-        while len(_PLANS) > 8:
+        _PLANS[id(model)] = made
+        while len(_PLANS) > 16:
             _PLANS.popitem(last=False)
-    return plan
+    return made
+
+
+def _single_plan(model: HEModel) -> _SinglePlan:
+    return _cached_plan(model, _SinglePlan)
 
 
 def evaluate(
@@ -1475,21 +1484,8 @@ class _KernelPlan:
         return pt
 
 
-_KERNEL_PLANS: OrderedDict[int, _KernelPlan] = OrderedDict()
-
-
 def _kernel_plan(model: KernelEvidenceModel) -> _KernelPlan:
-    with _PLANS_LOCK:
-        plan = _KERNEL_PLANS.get(id(model))
-        if plan is not None and plan.model is model:
-            _KERNEL_PLANS.move_to_end(id(model))
-            return plan
-    plan = _KernelPlan(model)
-    with _PLANS_LOCK:
-        _KERNEL_PLANS[id(model)] = plan
-        while len(_KERNEL_PLANS) > 8:
-            _KERNEL_PLANS.popitem(last=False)
-    return plan
+    return _cached_plan(model, _KernelPlan)
 
 
 def _evaluate_kernel(ctx: PublicContext, plan: _KernelPlan, blob: bytes, noise: Array) -> bytes:

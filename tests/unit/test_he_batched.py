@@ -42,7 +42,6 @@ from fi_peer.protocol.he_query import (
 )
 from fi_peer.protocol.messages import ModelCard
 from fi_peer.protocol.peer import CoreConfig, PeerCore
-from fi_peer.protocol.querier import QuerierConfig
 from tests.unit.he_wire import toy_request_fields
 from tests.unit.sansio_net import _kind
 from tests.unit.test_he_protocol import OUT, TOL, HENet, tiny_model
@@ -73,22 +72,7 @@ class BatchNet(HENet):
         runtime: HERuntime | None = None,
         he_rules: tuple[str, ...] = ("support",),
     ) -> PeerCore:
-        config = CoreConfig(querier=QuerierConfig(offer_window_ms=500, include_self=False))
-        core = PeerCore(
-            Identity.from_seed(name.encode()),
-            batch_card(model is not None, he_rules),
-            config=config,
-            rng=np.random.default_rng(7),
-        )
-        self.cores[core.peer_id] = core
-        self.models[core.peer_id] = None
-        self.runtimes[core.peer_id] = runtime or HERuntime(model, rng=np.random.default_rng(1))
-        if model is not None:
-            self.he_models[core.peer_id] = model
-        for topic in core.topics():
-            self.subs.setdefault(topic, set()).add(core.peer_id)
-        self.queue.extend((core.peer_id, e) for e in core.start(self.now_ms))
-        return core
+        return self.add_he(name, model, runtime, card=batch_card(model is not None, he_rules))
 
     def _apply(self, origin: str, effect: Effect) -> None:
         if isinstance(effect, HESendChunks):

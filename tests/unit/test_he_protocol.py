@@ -73,12 +73,17 @@ class HENet(SansIoNet):
         self.he_log: list[tuple[str, object]] = []
 
     def add_he(
-        self, name: str, model: he.HEModel | None, runtime: HERuntime | None = None
+        self,
+        name: str,
+        model: he.HEModel | None,
+        runtime: HERuntime | None = None,
+        card: ModelCard | None = None,
     ) -> PeerCore:
+        """A peer (a member when ``model`` is given) with ``card`` (default he_card)."""
         config = CoreConfig(querier=QuerierConfig(offer_window_ms=500, include_self=False))
         core = PeerCore(
             Identity.from_seed(name.encode()),
-            he_card(model is not None),
+            card or he_card(model is not None),
             config=config,
             rng=np.random.default_rng(7),
         )
