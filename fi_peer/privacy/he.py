@@ -1069,8 +1069,39 @@ def single_layout_width(model: HEModel) -> int:
     return width
 
 
-class _SinglePlan:
+class _EncodedPlan:
+    """Plaintext arrays (``arrays``, by name; None for an all-zero one) encoded on
+    first use, once per level (``parms_id``), shared by the worker threads."""
+
+    #: also skip arrays that would encode to all zeros at scale 2^40 (a product
+    #: with such a plaintext is transparent, which SEAL refuses)
+    skip_unencodable = False
+    arrays: dict[Any, Array | None]
+
+    def __init__(self) -> None:
+        self._encoded: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def plain(self, kit: _Kit, name: Any, parms_id: Any) -> Any | None:
+        key = (name, tuple(parms_id))
+        with self._lock:
+            pt = self._encoded.get(key)
+        if pt is None:
+            values = self.arrays[name]
+            if values is None:
+                return None
+            if self.skip_unencodable and not np.any(np.abs(values) * _SCALE >= 1.0):
+                return None  # a zero plaintext: its product would be transparent
+            pt = kit.plain(values, parms_id)
+            with self._lock:
+                self._encoded[key] = pt
+        return pt
+
+
+class _SinglePlan(_EncodedPlan):
     """A model's plaintext weights in the single layout, encoded once per level."""
+
+    skip_unencodable = True
 
     def __init__(self, model: HEModel) -> None:
         self.model = model
@@ -1102,21 +1133,7 @@ class _SinglePlan:
             b2 = np.zeros(width)
             b2[: model.output_dim] = second.bias
             self.last_bias = b2
-        self._encoded: dict[Any, Any] = {}
-        self._lock = threading.Lock()
-
-    def plain(self, kit: _Kit, name: Any, parms_id: Any) -> Any | None:
-        key = (name, tuple(parms_id))
-        with self._lock:
-            pt = self._encoded.get(key)
-        if pt is None:
-            values = self.arrays[name]
-            if values is None or not np.any(np.abs(values) * _SCALE >= 1.0):
-                return None  # a zero plaintext: its product would be transparent
-            pt = kit.plain(values, parms_id)
-            with self._lock:
-                self._encoded[key] = pt
-        return pt
+        super().__init__()
 
 
 _P = TypeVar("_P")
@@ -1446,7 +1463,7 @@ def encrypt_kernel_inputs(
     )
 
 
-class _KernelPlan:
+class _KernelPlan(_EncodedPlan):
     """The kernel evidence as the hybrid diagonal method over the period w = 32:
     ``T[s] = sum_{k < w} ct[s + k] W[s mod w, s + k]`` then sum the 4096 / w blocks
     (rotate-and-add), so every slot s holds E[s mod w]. k = 8 g + b: baby steps b
@@ -1467,21 +1484,7 @@ class _KernelPlan:
                 k = g * self.baby + b
                 diag = np.roll(weights[s % w, (s + k) % SLOT_COUNT], g * self.baby)
                 self.arrays[g, b] = diag if np.any(diag) else None
-        self._encoded: dict[Any, Any] = {}
-        self._lock = threading.Lock()
-
-    def plain(self, kit: _Kit, name: Any, parms_id: Any) -> Any | None:
-        key = (name, tuple(parms_id))
-        with self._lock:
-            pt = self._encoded.get(key)
-        if pt is None:
-            values = self.arrays[name]
-            if values is None:
-                return None
-            pt = kit.plain(values, parms_id)
-            with self._lock:
-                self._encoded[key] = pt
-        return pt
+        super().__init__()
 
 
 def _kernel_plan(model: KernelEvidenceModel) -> _KernelPlan:

@@ -40,7 +40,6 @@ RULE = "evidence"  # the daemons' configured rule (audits are decided with it)
 TIMEOUT_S = 8.0
 
 
-
 @pytest.fixture(scope="module")
 def network(
     tmp_path_factory: pytest.TempPathFactory,

@@ -30,7 +30,6 @@ QUERY_TIMEOUT_S = 8.0
 INPUTS_PER_QUERIER = 3
 
 
-
 @pytest.fixture(scope="module")
 def network(
     tmp_path_factory: pytest.TempPathFactory,
